@@ -1,0 +1,133 @@
+"""The ``asrlive`` command line: one console script, one subcommand per task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from asrlive import __version__
+from asrlive.engine import (
+    DEFAULT_MODEL,
+    DTYPES,
+    AsrModel,
+    AudioError,
+    DecodingOptions,
+    ModelLoadError,
+    Transcription,
+    load_audio,
+    transcribe,
+)
+
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ModelLoadError as exc:
+        print(f"asrlive: cannot load the model.\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("asrlive: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asrlive", description="Streaming speech transcription with Qwen3-ASR.")
+    parser.add_argument("--version", action="version", version=f"asrlive {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_transcribe(commands)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face id or local checkpoint directory (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights and activations dtype (default: bfloat16 where the CPU supports it, else float32)",
+    )
+
+
+def _add_transcribe(commands) -> None:
+    cmd = commands.add_parser("transcribe", help="transcribe audio files", description="Transcribe audio files.")
+    cmd.add_argument("audio", nargs="+", metavar="AUDIO", help="WAV, FLAC, OGG, MP3, ... any rate and channels")
+    _add_model_options(cmd)
+    cmd.add_argument("--language", default="auto", help="'auto' (detect) or a language: English, en, Chinese, ...")
+    cmd.add_argument("--context", default="", help="context text for the model: hotwords, names, domain terms")
+    cmd.add_argument(
+        "--max-new-tokens", type=int, default=None, help="cap on generated tokens per piece (default: by duration)"
+    )
+    cmd.add_argument(
+        "--max-segment-seconds",
+        type=float,
+        default=DecodingOptions.max_segment_seconds,
+        help="longer audio is cut at its quietest points into pieces of at most this length (default: %(default)s)",
+    )
+    cmd.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    cmd.set_defaults(run=_run_transcribe)
+
+
+def _run_transcribe(args: argparse.Namespace) -> int:
+    try:
+        options = DecodingOptions(
+            language=args.language,
+            context=args.context,
+            max_new_tokens=args.max_new_tokens,
+            max_segment_seconds=args.max_segment_seconds,
+        )
+    except ValueError as exc:
+        print(f"asrlive transcribe: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    model = AsrModel.load(args.model, args.dtype)
+    failed = 0
+    for path in args.audio:
+        try:
+            audio = load_audio(path)
+        except AudioError as exc:
+            print(f"asrlive transcribe: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        result = _transcribe_with_progress(model, audio, options, path)
+        _print_result(path, result, args.format, several=len(args.audio) > 1)
+    return EXIT_SOME_FAILED if failed else 0
+
+
+def _transcribe_with_progress(model, audio, options, path: str) -> Transcription:
+    seconds = round(audio.size / 16_000, 1)
+    # tqdm draws only on a terminal (disable=None), so piped output stays clean.
+    with tqdm(total=seconds, desc=path, unit="s", disable=None, leave=False, file=sys.stderr) as bar:
+        return transcribe(model, audio, options, on_segment=lambda s: bar.update(round(s.end - s.start, 1)))
+
+
+def _print_result(path: str, result: Transcription, fmt: str, several: bool) -> None:
+    if fmt == "json":
+        record = {
+            "file": path,
+            "language": result.language,
+            "text": result.text,
+            "duration": round(result.duration, 6),
+            "token_ids": result.token_ids,
+        }
+        if len(result.segments) > 1:
+            record["segments"] = [
+                {"start": s.start, "end": s.end, "language": s.language, "text": s.text, "token_ids": list(s.token_ids)}
+                for s in result.segments
+            ]
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    elif several:
+        print(f"{path}: {result.text}", flush=True)
+    else:
+        print(result.text, flush=True)

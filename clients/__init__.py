@@ -1,0 +1,1 @@
+"""Clients: microphone CLI, file streamer, load generator and a small Python client."""

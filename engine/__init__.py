@@ -1,0 +1,28 @@
+"""The inference engine: checkpoint loading, features, encoder and decoder drivers (torch; no I/O loop)."""
+
+from ._audio import SAMPLE_RATE, AudioError, load_audio, to_model_rate
+from ._checkpoint import DEFAULT_MODEL, KNOWN_MODELS, ModelLoadError
+from ._model import DTYPES, AsrModel, ModelInfo, resolve_dtype
+from ._offline import DecodingOptions, Segment, Transcription, split_points, transcribe
+from ._prompt import LANGUAGES, normalize_language
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "KNOWN_MODELS",
+    "LANGUAGES",
+    "SAMPLE_RATE",
+    "AsrModel",
+    "AudioError",
+    "DecodingOptions",
+    "ModelInfo",
+    "ModelLoadError",
+    "Segment",
+    "Transcription",
+    "load_audio",
+    "normalize_language",
+    "resolve_dtype",
+    "split_points",
+    "to_model_rate",
+    "transcribe",
+]

@@ -1,0 +1,190 @@
+"""Find a Qwen3-ASR checkpoint and load it, whichever of the two published layouts it uses.
+
+Layouts (DESIGN.md 2):
+- original (``Qwen/Qwen3-ASR-0.6B``): ``config.json`` nests ``thinker_config.{audio_config,text_config}``,
+  weights are ``thinker.audio_tower.*`` (projector as ``proj1``/``proj2``), ``thinker.model.*``,
+  ``thinker.lm_head.weight``; tokenizer as ``vocab.json`` + ``merges.txt``.
+- transformers-native (``*-hf``): flat config and the key names of ``Qwen3ASRForConditionalGeneration``.
+
+The original layout is converted while loading (config dict and key renames); no file is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+KNOWN_MODELS = ("Qwen/Qwen3-ASR-0.6B", "Qwen/Qwen3-ASR-1.7B")
+
+Layout = Literal["original", "hf"]
+
+# Only what inference needs: no training states, no other framework's weights.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+
+# Regexes applied by `from_pretrained(key_mapping=...)` to the original layout's names.
+# Order matters: the projector lives under the audio tower in the original layout.
+_ORIGINAL_KEY_MAPPING = {
+    r"^thinker\.audio_tower\.proj1\.": "model.multi_modal_projector.linear_1.",
+    r"^thinker\.audio_tower\.proj2\.": "model.multi_modal_projector.linear_2.",
+    r"^thinker\.audio_tower\.": "model.audio_tower.",
+    r"^thinker\.model\.": "model.language_model.",
+    r"^thinker\.lm_head\.": "lm_head.",
+}
+
+# Fields of the original thinker config that do not describe the network.
+_MROPE_KEYS = ("mrope_interleaved", "interleaved", "mrope_section", "type")
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be found or read; the message says what was tried and what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory on disk and the layout its files use."""
+
+    path: Path
+    layout: Layout
+    config: dict[str, Any]  # already in the transformers-native (flat) form
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; otherwise a hub id, from the local cache first, then a download."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(
+            f"Model {model!r} is neither a checkpoint directory nor a Hugging Face id "
+            f"(such as {' or '.join(KNOWN_MODELS)})."
+        )
+    return _from_hub(model)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set, so no download was attempted"
+    else:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        except RepositoryNotFoundError:
+            raise ModelLoadError(
+                f"The Hugging Face hub has no model {repo_id!r} (or it is private). "
+                f"Known Qwen3-ASR models: {', '.join(KNOWN_MODELS)}."
+            ) from None
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            reason = f"the download failed: {_first_line(exc)}"
+    raise ModelLoadError(
+        f"Model {repo_id!r} is not in the Hugging Face cache ({_hub_cache_dir()}) and {reason}.\n"
+        f"Either download it on a machine with internet access (`hf download {repo_id}`) and copy "
+        f"the cache folder here, or point --model at a local checkpoint directory."
+    )
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read ``config.json``, tell the layout apart and return the config in flat form."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not a Qwen3-ASR checkpoint directory.")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({exc}); the checkpoint is corrupt.") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "qwen3_asr":
+        found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ModelLoadError(f"{config_file} describes a {found!r} model, not a Qwen3-ASR one ('qwen3_asr').")
+    if "thinker_config" in raw:
+        return Checkpoint(path, "original", _flatten_original_config(raw))
+    if "audio_config" in raw and "text_config" in raw:
+        return Checkpoint(path, "hf", raw)
+    raise ModelLoadError(f"{config_file} has neither 'thinker_config' nor 'audio_config'/'text_config'.")
+
+
+def _flatten_original_config(raw: dict[str, Any]) -> dict[str, Any]:
+    thinker = raw["thinker_config"]
+    if "classify_num" in thinker:
+        raise ModelLoadError("This checkpoint is the Qwen3 forced aligner, not a speech recognizer.")
+    audio = dict(thinker["audio_config"])
+    audio["model_type"] = "qwen3_asr_encoder"
+    # Positions restart in every 1 s conv chunk, so only one chunk's worth of them exists.
+    audio["max_position_embeddings"] = _tokens_per_chunk(audio.get("n_window", 50))
+    text = dict(thinker["text_config"])
+    text["model_type"] = "qwen3"
+    rope = text.get("rope_scaling")
+    if isinstance(rope, dict):
+        # Interleaved MRoPE with equal positions on all three axes is plain 1-D RoPE.
+        text["rope_scaling"] = {k: v for k, v in rope.items() if k not in _MROPE_KEYS}
+    flat = {"model_type": "qwen3_asr", "audio_config": audio, "text_config": text}
+    for key in ("audio_token_id", "initializer_range"):
+        if key in thinker:
+            flat[key] = thinker[key]
+    flat["tie_word_embeddings"] = text.get("tie_word_embeddings", True)
+    return flat
+
+
+def _tokens_per_chunk(n_window: int) -> int:
+    frames = 2 * n_window
+    for _ in range(3):  # three stride-2 convolutions
+        frames = (frames - 1) // 2 + 1
+    return frames
+
+
+def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
+    """Build ``Qwen3ASRForConditionalGeneration`` from the checkpoint's weights, strictly."""
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+
+    weights = sorted(checkpoint.path.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"{checkpoint.path} has no *.safetensors weight files.")
+    try:
+        config = Qwen3ASRConfig(**{k: v for k, v in checkpoint.config.items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"config.json of {checkpoint.path} is not a valid Qwen3-ASR config: {exc}") from None
+    mapping = _ORIGINAL_KEY_MAPPING if checkpoint.layout == "original" else None
+    try:
+        model, info = Qwen3ASRForConditionalGeneration.from_pretrained(
+            checkpoint.path, config=config, dtype=dtype, key_mapping=mapping, output_loading_info=True
+        )
+    except Exception as exc:  # safetensors, torch and transformers each raise their own types
+        raise ModelLoadError(
+            f"The weights in {checkpoint.path} could not be read ({type(exc).__name__}: {_first_line(exc)}). "
+            "The files may be truncated or corrupt: delete them and download the model again."
+        ) from exc
+    _check_loading_info(checkpoint.path, info)
+    return model.eval()
+
+
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {', '.join(keys[:3])})")
+    if problems:
+        raise ModelLoadError(
+            f"The weights in {path} do not match its config.json: {'; '.join(problems)}. "
+            "The checkpoint is incomplete or mixed from different models."
+        )

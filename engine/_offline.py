@@ -1,0 +1,107 @@
+"""Offline transcription of a whole clip: split long audio, decode each piece greedily, parse."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._audio import SAMPLE_RATE
+from ._model import AsrModel
+from ._prompt import build_prompt, normalize_language, parse_answer
+
+# Token budget when none is given: the language tag plus far more text than anyone speaks
+# (fast speech is ~5 tokens/s), so only a looping model ever reaches it.
+BASE_TOKENS = 16
+TOKENS_PER_SECOND = 12
+_QUIET_FRAME = 1_600  # 100 ms: the unit in which a cut point is searched
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    language: str | None = None  # None: detect; else a name or code ("English", "en")
+    context: str = ""  # free text for the system turn: hotwords, domain terms
+    max_new_tokens: int | None = None  # None: a budget proportional to the audio length
+    max_segment_seconds: float = 60.0  # longer audio is cut at its quietest points
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "language", normalize_language(self.language))
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.max_segment_seconds < 1:
+            raise ValueError("max_segment_seconds must be at least 1")
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float  # seconds
+    end: float
+    language: str | None
+    text: str
+    token_ids: tuple[int, ...]  # generated after the prompt, eos excluded
+
+
+@dataclass(frozen=True)
+class Transcription:
+    language: str | None  # the first detected (or the forced) language
+    text: str
+    duration: float
+    segments: tuple[Segment, ...]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for segment in self.segments for t in segment.token_ids]
+
+
+def token_budget(seconds: float, options: DecodingOptions) -> int:
+    if options.max_new_tokens is not None:
+        return options.max_new_tokens
+    return BASE_TOKENS + math.ceil(TOKENS_PER_SECOND * seconds)
+
+
+def transcribe(
+    model: AsrModel,
+    audio: np.ndarray,
+    options: DecodingOptions = DecodingOptions(),
+    on_segment: Callable[[Segment], None] | None = None,
+) -> Transcription:
+    """Transcribe 16 kHz mono float32 audio; ``on_segment`` hears of each piece as it is done."""
+    prompt = build_prompt(model.tokenizer, options.context, options.language)
+    segments = []
+    for start, end in split_points(audio, int(options.max_segment_seconds * SAMPLE_RATE)):
+        piece = audio[start:end]
+        embeds = model.prompt_embeddings(prompt, model.encode_audio(piece))
+        ids = model.greedy_decode(embeds, token_budget(piece.size / SAMPLE_RATE, options))
+        language, text = parse_answer(model.decode_text(ids), options.language)
+        segment = Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, language, text, tuple(ids))
+        segments.append(segment)
+        if on_segment is not None:
+            on_segment(segment)
+    language = next((s.language for s in segments if s.language), None)
+    text = " ".join(s.text for s in segments if s.text)
+    return Transcription(language, text, audio.size / SAMPLE_RATE, tuple(segments))
+
+
+def split_points(audio: np.ndarray, max_samples: int) -> list[tuple[int, int]]:
+    """Cut points so no piece exceeds ``max_samples``: each cut at the quietest 100 ms of the
+    last third of the allowed span, so words are rarely split."""
+    pieces = []
+    start = 0
+    while audio.size - start > max_samples:
+        lo = start + (2 * max_samples) // 3
+        cut = _quietest(audio, lo, start + max_samples)
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, audio.size))
+    return pieces
+
+
+def _quietest(audio: np.ndarray, lo: int, hi: int) -> int:
+    frames = (hi - lo) // _QUIET_FRAME
+    if frames < 1:
+        return hi
+    # (frames, 1600) -> energy per frame
+    energy = np.square(audio[lo : lo + frames * _QUIET_FRAME].reshape(frames, _QUIET_FRAME)).sum(axis=1)
+    return lo + int(energy.argmin()) * _QUIET_FRAME + _QUIET_FRAME // 2

@@ -1,0 +1,1 @@
+"""The sans-I/O streaming session: PCM in, events out (no torch, no sockets)."""

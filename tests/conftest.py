@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRProcessor
+
+from asrlive.engine import AsrModel, load_audio
+
+from .checkpoints import FIXTURES, random_network, write_hf_checkpoint, write_original_checkpoint
+
+EOS = (151643, 151645)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The same random weights saved in both layouts: {"hf": dir, "original": dir}."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    network = random_network(seed=0)
+    return {
+        "hf": write_hf_checkpoint(network, root / "tiny-hf"),
+        "original": write_original_checkpoint(network, root / "tiny-original"),
+    }
+
+
+@pytest.fixture(scope="session")
+def load_model(checkpoints):
+    """Engine models by (layout, dtype), loaded once per session through the public loader."""
+    cache: dict[tuple[str, str], AsrModel] = {}
+
+    def load(layout: str, dtype: str = "float32") -> AsrModel:
+        if (layout, dtype) not in cache:
+            cache[layout, dtype] = AsrModel.load(str(checkpoints[layout]), dtype)
+        return cache[layout, dtype]
+
+    return load
+
+
+@dataclass
+class Reference:
+    """transformers' own pipeline on the same weights: the processor and greedy `generate`."""
+
+    processor: Qwen3ASRProcessor
+    model: Qwen3ASRForConditionalGeneration
+    dtype: torch.dtype
+
+    def token_ids(self, audio: np.ndarray, language: str | None, context: str | None, max_new_tokens: int) -> list[int]:
+        inputs = self.processor.apply_transcription_request(audio=audio, language=language, prompt=context)
+        inputs = inputs.to(self.dtype)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+        if generated and generated[-1] in EOS:
+            generated = generated[:-1]
+        return generated
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoints):
+    cache: dict[str, Reference] = {}
+
+    def get(dtype: str = "float32") -> Reference:
+        if dtype not in cache:
+            torch_dtype = getattr(torch, dtype)
+            model = Qwen3ASRForConditionalGeneration.from_pretrained(checkpoints["hf"], dtype=torch_dtype).eval()
+            processor = Qwen3ASRProcessor.from_pretrained(checkpoints["hf"])
+            cache[dtype] = Reference(processor, model, torch_dtype)
+        return cache[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def speech() -> dict[str, np.ndarray]:
+    """Every fixture clip as 16 kHz mono float32, by name."""
+    return {path.stem: load_audio(path) for path in sorted((FIXTURES / "speech").glob("*.wav"))}

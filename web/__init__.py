@@ -1,0 +1,1 @@
+"""The asyncio server: WebSocket endpoint, WebRTC ingress, the browser page, health and metrics."""
