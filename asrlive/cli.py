@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from asrlive import __version__
+from asrlive.clients._local import stream_audio
 from asrlive.engine import (
     DEFAULT_MODEL,
     DTYPES,
@@ -17,10 +18,12 @@ from asrlive.engine import (
     AudioError,
     DecodingOptions,
     ModelLoadError,
+    StreamTranscriber,
     Transcription,
     load_audio,
     transcribe,
 )
+from asrlive.streaming import Final, Session, SessionOptions, VadOptions
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
@@ -76,7 +79,29 @@ def _add_transcribe(commands) -> None:
         default=DecodingOptions.max_segment_seconds,
         help="longer audio is cut at its quietest points into pieces of at most this length (default: %(default)s)",
     )
-    cmd.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    cmd.add_argument(
+        "--format",
+        choices=["text", "json", "jsonl"],
+        default="text",
+        help="text; json: one object per file; jsonl (with --stream): one event per line (default: text)",
+    )
+    stream = cmd.add_argument_group("streaming (--stream)")
+    stream.add_argument("--stream", action="store_true", help="feed the file through the live streaming path")
+    stream.add_argument(
+        "--partial-interval-ms", type=int, default=1000, help="audio between partial results (default: %(default)s)"
+    )
+    stream.add_argument("--no-partials", action="store_true", help="only finals")
+    stream.add_argument("--realtime", action="store_true", help="feed at real-time pace instead of as fast as possible")
+    stream.add_argument("--vad-aggressiveness", type=int, default=2, choices=[0, 1, 2, 3], help="(default: 2)")
+    stream.add_argument(
+        "--end-silence-ms", type=int, default=600, help="silence that ends an utterance (default: %(default)s)"
+    )
+    stream.add_argument(
+        "--max-utterance-seconds",
+        type=float,
+        default=30.0,
+        help="longer utterances are cut at a quiet point (default: %(default)s)",
+    )
     cmd.set_defaults(run=_run_transcribe)
 
 
@@ -91,6 +116,15 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"asrlive transcribe: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.stream:
+        try:
+            session_options = _session_options(args)
+        except ValueError as exc:
+            print(f"asrlive transcribe: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    elif args.format == "jsonl":
+        print("asrlive transcribe: --format jsonl needs --stream", file=sys.stderr)
+        return EXIT_USAGE
     model = AsrModel.load(args.model, args.dtype)
     failed = 0
     for path in args.audio:
@@ -100,9 +134,32 @@ def _run_transcribe(args: argparse.Namespace) -> int:
             print(f"asrlive transcribe: {exc}", file=sys.stderr)
             failed += 1
             continue
+        if args.stream:
+            _stream_file(model, audio, options, session_options, args)
+            continue
         result = _transcribe_with_progress(model, audio, options, path)
         _print_result(path, result, args.format, several=len(args.audio) > 1)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def _session_options(args: argparse.Namespace) -> SessionOptions:
+    vad = VadOptions(
+        aggressiveness=args.vad_aggressiveness,
+        end_silence_ms=args.end_silence_ms,
+        max_utterance_s=args.max_utterance_seconds,
+    )
+    return SessionOptions(vad=vad, partials=not args.no_partials, partial_interval_ms=args.partial_interval_ms)
+
+
+def _stream_file(model, audio, options: DecodingOptions, session_options: SessionOptions, args) -> None:
+    session = Session(session_options)
+    transcriber = StreamTranscriber(model, options)
+    for event in stream_audio(session, transcriber, audio, realtime=args.realtime):
+        if args.format == "text":
+            if isinstance(event, Final) and event.text:
+                print(event.text, flush=True)
+        else:
+            print(json.dumps(event.to_json(), ensure_ascii=False), flush=True)
 
 
 def _transcribe_with_progress(model, audio, options, path: str) -> Transcription:

@@ -2,6 +2,7 @@
 
 from ._audio import SAMPLE_RATE, AudioError, load_audio, to_model_rate
 from ._checkpoint import DEFAULT_MODEL, KNOWN_MODELS, ModelLoadError
+from ._incremental import Hypothesis, StreamTranscriber, UtteranceDecoder
 from ._model import DTYPES, AsrModel, ModelInfo, resolve_dtype
 from ._offline import DecodingOptions, Segment, Transcription, split_points, transcribe
 from ._prompt import LANGUAGES, normalize_language
@@ -15,10 +16,13 @@ __all__ = [
     "AsrModel",
     "AudioError",
     "DecodingOptions",
+    "Hypothesis",
     "ModelInfo",
     "ModelLoadError",
     "Segment",
+    "StreamTranscriber",
     "Transcription",
+    "UtteranceDecoder",
     "load_audio",
     "normalize_language",
     "resolve_dtype",

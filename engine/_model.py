@@ -68,27 +68,60 @@ class AsrModel:
 
     # -- audio ---------------------------------------------------------------------------------
 
-    def features(self, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-mel features exactly as the reference processor computes them for one clip."""
+    def features(self, audio: np.ndarray) -> torch.Tensor:
+        """Log-mel features exactly as the reference processor computes them: (n_mels, frames)."""
         out = self.feature_extractor(
             audio, sampling_rate=SAMPLE_RATE, padding=True, return_attention_mask=True, return_tensors="pt"
         )
-        # input_features: (1, n_mels, frames padded to a multiple of 100); mask: (1, frames)
-        return out["input_features"].to(self.dtype), out["attention_mask"]
+        frames = int(out["attention_mask"].sum())
+        return out["input_features"][0, :, :frames]
 
     @torch.inference_mode()
+    def encode_frames(self, features: torch.Tensor) -> torch.Tensor:
+        """Audio embeddings in the LLM's hidden size for (n_mels, frames) log-mel: (n_tokens, hidden).
+
+        Frames are zero-padded to whole 1 s conv chunks, as the reference processor does; attention
+        windows count from the first frame given, so any slice starting on a window boundary
+        encodes exactly as it does inside the whole clip.
+        """
+        n_mels, frames = features.shape
+        chunk = 2 * self.network.config.audio_config.n_window
+        padded = -(-frames // chunk) * chunk
+        batch = torch.zeros(1, n_mels, padded, dtype=self.dtype)
+        batch[0, :, :frames] = features
+        mask = torch.zeros(1, padded, dtype=torch.long)
+        mask[0, :frames] = 1
+        return self.network.model.get_audio_features(batch, mask).pooler_output
+
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
-        """Audio embeddings in the LLM's hidden size: (n_audio_tokens, hidden)."""
-        features, mask = self.features(audio)
-        return self.network.model.get_audio_features(features, mask).pooler_output
+        return self.encode_frames(self.features(audio))
 
     # -- text ----------------------------------------------------------------------------------
 
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """(len(token_ids), hidden)"""
+        return self._embed_tokens(torch.tensor([token_ids], dtype=torch.long))[0]
+
     def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
         """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""
-        prefix = self._embed_tokens(torch.tensor([prompt.prefix]))[0]
-        suffix = self._embed_tokens(torch.tensor([prompt.suffix]))[0]
-        return torch.cat([prefix, audio_embeds.to(prefix.dtype), suffix], dim=0)
+        return torch.cat([self.embed(prompt.prefix), audio_embeds.to(self.dtype), self.embed(prompt.suffix)], dim=0)
+
+    def forward(self, embeds: torch.Tensor, cache: DynamicCache, n_logits: int) -> torch.Tensor:
+        """Run the LLM over (seq, hidden) after what ``cache`` holds; greedy ids of the last n_logits positions.
+
+        One position gets its logits alone, as in ``generate``: a one-row product rounds
+        differently from a many-row one, and the reference's decode steps are one-row products.
+        """
+        hidden = self.network.model.language_model(
+            inputs_embeds=embeds[None], past_key_values=cache, use_cache=True
+        ).last_hidden_state  # (1, seq, hidden)
+        if n_logits == 0:
+            return torch.empty(0, dtype=torch.long)
+        logits = self.network.lm_head(hidden[0, -n_logits:, :])  # (n_logits, vocab)
+        return logits.argmax(dim=-1)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.network.config.text_config)
 
     @torch.inference_mode()
     def greedy_decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -97,23 +130,18 @@ class AsrModel:
         Token-identical to ``generate(do_sample=False)``: the same prefill over the whole prompt,
         then one token per step against the growing KV cache, logits only for the last position.
         """
-        cache = DynamicCache(config=self.network.config.text_config)
-        tokens: list[int] = []
-        step_input = embeds[None]  # (1, seq, hidden)
-        while len(tokens) < max_new_tokens:
-            next_id = self._forward_next(step_input, cache)
-            if next_id in EOS_IDS:
-                break
-            tokens.append(next_id)
-            step_input = self._embed_tokens(torch.tensor([[next_id]]))  # (1, 1, hidden)
-        return tokens
+        cache = self.new_cache()
+        next_id = int(self.forward(embeds, cache, 1)[0])
+        return self.continue_greedy(next_id, cache, [], max_new_tokens)
 
-    def _forward_next(self, inputs_embeds: torch.Tensor, cache: DynamicCache) -> int:
-        hidden = self.network.model.language_model(
-            inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True
-        ).last_hidden_state
-        logits = self.network.lm_head(hidden[:, -1:, :])  # (1, 1, vocab)
-        return int(logits[0, -1].argmax())
+    def continue_greedy(self, next_id: int, cache: DynamicCache, tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Append greedy tokens, starting with ``next_id``, until eos or ``max_new_tokens`` in all."""
+        tokens = list(tokens)
+        while len(tokens) < max_new_tokens and next_id not in EOS_IDS:
+            tokens.append(next_id)
+            if len(tokens) < max_new_tokens:
+                next_id = int(self.forward(self.embed([next_id]), cache, 1)[0])
+        return tokens
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -1,1 +1,20 @@
 """The sans-I/O streaming session: PCM in, events out (no torch, no sockets)."""
+
+from ._events import SAMPLE_RATE, Event, Final, Partial, SpeechStarted, SpeechStopped
+from ._session import Job, Session, SessionOptions
+from ._text import stable_prefix
+from ._vad import VadOptions
+
+__all__ = [
+    "SAMPLE_RATE",
+    "Event",
+    "Final",
+    "Job",
+    "Partial",
+    "Session",
+    "SessionOptions",
+    "SpeechStarted",
+    "SpeechStopped",
+    "VadOptions",
+    "stable_prefix",
+]
