@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -21,6 +22,7 @@ from asrlive.engine import (
     StreamTranscriber,
     Transcription,
     load_audio,
+    resolve_dtype,
     transcribe,
 )
 from asrlive.streaming import Final, Session, SessionOptions, VadOptions
@@ -47,6 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"asrlive {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_transcribe(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -188,3 +191,40 @@ def _print_result(path: str, result: Transcription, fmt: str, several: bool) -> 
         print(f"{path}: {result.text}", flush=True)
     else:
         print(result.text, flush=True)
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser("bench", help="speed measurements", description="Speed measurements.")
+    which = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    stream = which.add_parser(
+        "stream",
+        help="per-update cost of live transcription against the official algorithm",
+        description="Stream long real speech through the engine at the true model shapes (random weights) "
+        "and through the official re-feed-everything algorithm; print per-update cost and real-time factor.",
+    )
+    stream.add_argument("--size", action="append", choices=["0.6B", "1.7B"], help="model shape (default: 0.6B)")
+    stream.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="(default: the engine's policy)")
+    stream.add_argument("--duration", type=float, default=300.0, help="seconds of audio (default: %(default)s)")
+    stream.add_argument("--partial-interval-ms", type=int, default=1000, help="(default: %(default)s)")
+    stream.add_argument(
+        "--positions", default="10,30,60,120,300", help="stream positions to report, seconds (default: %(default)s)"
+    )
+    stream.add_argument("--audio", type=Path, default=None, help="speech to loop (default: the test fixtures)")
+    stream.add_argument("--no-official", action="store_true", help="skip the official algorithm")
+    stream.set_defaults(run=_run_bench_stream)
+
+
+def _run_bench_stream(args: argparse.Namespace) -> int:
+    from asrlive.clients._bench import bench_stream
+
+    positions = [float(p) for p in args.positions.split(",") if p]
+    bench_stream(
+        args.size or ["0.6B"],
+        resolve_dtype(args.dtype),
+        args.duration,
+        args.partial_interval_ms,
+        positions,
+        args.audio,
+        not args.no_official,
+    )
+    return 0

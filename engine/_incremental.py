@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from ._audio import SAMPLE_RATE
 from ._features import IncrementalMel
@@ -34,21 +33,6 @@ class Hypothesis:
     text: str
     accepted: int  # tokens of the previous hypothesis confirmed by the verifying prefill
     decoded: int  # model calls after the prefill (one token each)
-
-
-class KVCache:
-    """The LLM's key/value cache with an explicit length that can be cut back."""
-
-    def __init__(self, model: AsrModel) -> None:
-        self.layers: DynamicCache = model.new_cache()
-
-    def __len__(self) -> int:
-        return self.layers.get_seq_length()
-
-    def truncate(self, length: int) -> None:
-        excess = len(self) - length
-        if excess > 0:
-            self.layers.crop(-excess)
 
 
 @dataclass
@@ -68,9 +52,9 @@ class UtteranceDecoder:
         self.frames_per_window = audio.n_window_infer
         self._windows: list[_Window] = []
         self._suffix = model.embed(prompt.suffix)
-        self._cache = KVCache(model)
+        self._cache = model.new_cache()
         with torch.inference_mode():
-            model.forward(model.embed(prompt.prefix), self._cache.layers, 0)
+            model.forward(model.embed(prompt.prefix), self._cache, 0)
         self._prefix_len = len(prompt.prefix)
         self._tokens_per_window = 0  # known after the first completed window
         self._kv_windows = 0  # completed windows whose audio tokens are in the KV cache
@@ -103,11 +87,11 @@ class UtteranceDecoder:
         draft = self.draft[:max_new_tokens]
         pieces = [w.embeds for w in self._windows[self._kv_windows : complete]]
         pieces += [open_embeds.to(self.model.dtype), self._suffix, self.model.embed(draft)]
-        predicted = self.model.forward(torch.cat(pieces), self._cache.layers, len(draft) + 1).tolist()
+        predicted = self.model.forward(torch.cat(pieces), self._cache, len(draft) + 1).tolist()
         self._kv_windows = complete
         # 5. Keep the draft up to the first disagreement and drop the rejected tokens' KV.
         accepted = self._accept(draft, predicted)
-        self._cache.truncate(len(self._cache) - (len(draft) - accepted))
+        self._cache.truncate(self._cache.length - (len(draft) - accepted))
         # 6. Continue greedily from the model's own choice at the first disagreement.
         tokens = self._continue(predicted[accepted], draft[:accepted], max_new_tokens)
         self.draft = tokens
@@ -137,16 +121,16 @@ class UtteranceDecoder:
         return accepted
 
     def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> list[int]:
-        return self.model.continue_greedy(next_id, self._cache.layers, tokens, max_new_tokens)
+        return self.model.continue_greedy(next_id, self._cache, tokens, max_new_tokens)
 
 
 class StreamTranscriber:
     """The engine side of one stream: an ``UtteranceDecoder`` per open utterance, released at its final."""
 
-    def __init__(self, model: AsrModel, options: DecodingOptions | None = None) -> None:
+    def __init__(self, model: AsrModel, options: DecodingOptions | None = None, prompt: PromptIds | None = None):
         self.model = model
         self.options = options = options or DecodingOptions()
-        self._prompt = build_prompt(model.tokenizer, options.context, options.language)
+        self._prompt = prompt or build_prompt(model.tokenizer, options.context, options.language)
         self._decoders: dict[int, UtteranceDecoder] = {}
         self.windows_encoded = 0  # completed 8 s windows encoded over the stream's life
 

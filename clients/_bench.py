@@ -1,0 +1,198 @@
+"""``asrlive bench stream``: per-update cost of live transcription, asrlive against the official algorithm.
+
+Both sides run random-weight networks of the true Qwen3-ASR shapes on real speech (looped).
+Random weights make the model's agreement with its own previous hypothesis meaningless, so both
+simulate the same realistic text: speech at 3 tokens per second, and every update keeps all but
+the last 5 tokens of the previous hypothesis (asrlive: accepted by verification; the official
+algorithm: forced as the assistant prefix). Everything else is the real code path.
+
+- asrlive: voice-activity segmentation, the incremental engine, a partial every interval of
+  audio, a final per utterance; every job is timed.
+- official (upstream's streaming, DESIGN.md 2): no segmentation; every 2 s it re-encodes all
+  audio since the start and re-decodes after the forced prefix. Its cost depends only on the
+  position in the stream, so it is measured once at each reported position.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen3ASRFeatureExtractor
+
+from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions, ModelInfo, StreamTranscriber, load_audio
+from asrlive.engine._incremental import UtteranceDecoder
+from asrlive.engine._prompt import PromptIds
+from asrlive.engine._shapes import random_network
+from asrlive.streaming import Session, SessionOptions
+
+TOKENS_PER_SECOND = 3.0
+LANGUAGE_TAG = 3  # "language English<asr_text>"
+REJECTED = 5  # tokens of the previous hypothesis that each update takes back
+OFFICIAL_CHUNK_S = 2.0
+WINDOW_S = 5.0  # asrlive's cost at a position: mean over the partial updates within this distance
+# "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|audio_start|>" / "<|audio_end|>...assistant\n"
+PROMPT = PromptIds(
+    prefix=[151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669],
+    suffix=[151670, 151645, 198, 151644, 77091, 198],
+)
+FIXTURE_SPEECH = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "speech"
+
+
+def target_tokens(seconds: float) -> int:
+    return LANGUAGE_TAG + round(TOKENS_PER_SECOND * seconds)
+
+
+class _NoText:
+    """Random weights write no language: only token counts matter, so nothing is detokenized."""
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+class ScriptedDecoder(UtteranceDecoder):
+    """The real incremental update, with the simulated agreement of DESIGN.md / the issue."""
+
+    def _accept(self, draft: list[int], predicted: list[int]) -> int:
+        return max(0, len(draft) - REJECTED)
+
+    def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> list[int]:
+        target = target_tokens(self.seconds)
+        tokens = list(tokens)
+        while len(tokens) < target:
+            tokens.append(next_id)
+            if len(tokens) < target:
+                next_id = int(self.model.forward(self.model.embed([next_id]), self._cache, 1)[0])
+        return tokens
+
+
+class ScriptedTranscriber(StreamTranscriber):
+    def _new_decoder(self) -> UtteranceDecoder:
+        return ScriptedDecoder(self.model, self._prompt, "English")
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    end_s: float  # stream position of the job's audio end
+    final: bool
+    seconds: float  # compute
+
+
+def bench_model(size: str, dtype: torch.dtype) -> AsrModel:
+    network = random_network(size, dtype)
+    info = ModelInfo(f"random-{size}", Path("."), "hf", dtype)
+    return AsrModel(network, _NoText(), Qwen3ASRFeatureExtractor(), info)
+
+
+def looped_speech(duration_s: float, audio: Path | None) -> np.ndarray:
+    if audio is not None:
+        clips = [load_audio(audio)]
+    elif FIXTURE_SPEECH.is_dir():
+        clips = [load_audio(p) for p in sorted(FIXTURE_SPEECH.glob("*.wav"))]
+    else:
+        raise SystemExit("asrlive bench: no speech to loop; pass --audio FILE (16 kHz or any WAV/FLAC/MP3)")
+    pause = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    once = np.concatenate([piece for clip in clips for piece in (clip, pause)])
+    repeats = int(np.ceil(duration_s * SAMPLE_RATE / once.size))
+    return np.tile(once, repeats)[: int(duration_s * SAMPLE_RATE)]
+
+
+def run_asrlive(model: AsrModel, audio: np.ndarray, interval_ms: int, progress) -> list[JobTiming]:
+    """Stream ``audio`` as fast as possible; time every job the session hands out."""
+    session = Session(SessionOptions(partial_interval_ms=interval_ms))
+    transcriber = ScriptedTranscriber(model, DecodingOptions(language="English"), PROMPT)
+    timings: list[JobTiming] = []
+    step = SAMPLE_RATE // 10
+    for begin in range(0, audio.size + 1, step):
+        if begin < audio.size:
+            session.feed(audio[begin : begin + step])
+        else:
+            session.finish()
+        while (job := session.next_job()) is not None:
+            started = time.perf_counter()
+            transcriber.transcribe(job.segment, job.audio, job.final)
+            timings.append(JobTiming(job.end / SAMPLE_RATE, job.final, time.perf_counter() - started))
+        progress(min(begin, audio.size) / SAMPLE_RATE)
+    return timings
+
+
+@torch.inference_mode()
+def official_update(model: AsrModel, audio: np.ndarray, position_s: float) -> float:
+    """Compute seconds of one upstream streaming update at ``position_s`` into the stream."""
+    started = time.perf_counter()
+    audio_embeds = model.encode_audio(audio[: int(position_s * SAMPLE_RATE)])
+    forced = [1000 + i % 5000 for i in range(max(0, target_tokens(position_s - OFFICIAL_CHUNK_S) - REJECTED))]
+    embeds = torch.cat([model.prompt_embeddings(PROMPT, audio_embeds), model.embed(forced)])
+    cache = model.new_cache()
+    next_id = int(model.forward(embeds, cache, 1)[0])
+    for _ in range(target_tokens(position_s) - len(forced) - 1):
+        next_id = int(model.forward(model.embed([next_id]), cache, 1)[0])
+    return time.perf_counter() - started
+
+
+def cost_at(timings: list[JobTiming], position: float) -> float:
+    near = [t.seconds for t in timings if not t.final and abs(t.end_s - position) <= WINDOW_S]
+    return float(np.mean(near)) if near else float("nan")
+
+
+def report(size: str, dtype: torch.dtype, duration: float, timings, official: dict[float, float], interval_ms: int):
+    compute = sum(t.seconds for t in timings)
+    partials = [t for t in timings if not t.final]
+    finals = [t for t in timings if t.final]
+    lines = [
+        f"model: Qwen3-ASR {size} shapes, random weights, {str(dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads",
+        f"simulated text: {TOKENS_PER_SECOND:g} tokens per second of speech; every update keeps all but the last "
+        f"{REJECTED} tokens of the previous hypothesis (asrlive verifies them, the official algorithm forces them)",
+        f"stream: {duration:g} s of real speech, looped; asrlive: a partial every {interval_ms} ms of audio, "
+        f"{len(partials)} partials and {len(finals)} finals",
+        "",
+        f"{'position':>9} {'asrlive update':>15} {'official update':>16} {'official / asrlive':>19}",
+    ]
+    for position, theirs in official.items():
+        ours = cost_at(timings, position)
+        lines.append(f"{position:>8g}s {ours:>14.2f}s {theirs:>15.2f}s {theirs / ours:>18.1f}x")
+    lines += [
+        "",
+        f"asrlive update cost: mean of the partial updates within {WINDOW_S:g} s of the position",
+        f"asrlive real-time factor: {compute / duration:.2f} ({compute:.0f} s of compute for {duration:g} s of audio)",
+        f"asrlive final latency (compute of the final update): mean {np.mean([t.seconds for t in finals]):.2f} s",
+    ]
+    if duration >= 300:
+        lines.append(f"asrlive update cost at 300 s / at 30 s: {cost_at(timings, 300) / cost_at(timings, 30):.2f}")
+    for position, theirs in official.items():
+        factor = theirs / OFFICIAL_CHUNK_S
+        lines.append(f"official real-time factor at {position:g} s: {factor:.2f} (one update per 2 s)")
+    return "\n".join(lines)
+
+
+def bench_stream(sizes, dtype: torch.dtype, duration: float, interval_ms: int, positions, audio_path, official: bool):
+    audio = looped_speech(duration, audio_path)
+    for size in sizes:
+        print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
+        model = bench_model(size, dtype)
+        official_update(model, audio, 2.0)  # warm-up: first calls allocate and pick kernels
+        timings = run_asrlive(model, audio, interval_ms, _progress(f"asrlive {size}", duration))
+        measured = {}
+        for position in (p for p in positions if p <= duration):
+            print(f"official algorithm at {position:g} s ...", file=sys.stderr, flush=True)
+            measured[position] = official_update(model, audio, position) if official else float("nan")
+        print(report(size, dtype, duration, timings, measured, interval_ms), flush=True)
+
+
+def _progress(label: str, total: float):
+    marks = iter(range(30, int(total) + 30, 30))
+    mark = next(marks)
+
+    def show(position: float) -> None:
+        nonlocal mark
+        if position >= mark:
+            print(f"{label}: {position:.0f} / {total:g} s of audio", file=sys.stderr, flush=True)
+            mark = next(marks, float("inf"))
+
+    return show
