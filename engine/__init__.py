@@ -4,7 +4,7 @@ from ._audio import SAMPLE_RATE, AudioError, load_audio, to_model_rate
 from ._checkpoint import DEFAULT_MODEL, KNOWN_MODELS, ModelLoadError
 from ._incremental import Hypothesis, StreamTranscriber, UtteranceDecoder
 from ._model import DTYPES, AsrModel, ModelInfo, resolve_dtype
-from ._offline import DecodingOptions, Segment, Transcription, split_points, transcribe
+from ._offline import DecodingOptions, Segment, Transcription, transcribe
 from ._prompt import LANGUAGES, normalize_language
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "load_audio",
     "normalize_language",
     "resolve_dtype",
-    "split_points",
     "to_model_rate",
     "transcribe",
 ]

@@ -153,9 +153,6 @@ class StreamTranscriber:
     def _new_decoder(self) -> UtteranceDecoder:
         return UtteranceDecoder(self.model, self._prompt, self.options.language)
 
-    def release(self, segment: int) -> None:
-        self._decoders.pop(segment, None)
-
     @property
     def open_utterances(self) -> int:
         return len(self._decoders)

@@ -117,10 +117,6 @@ class Session:
         self._last_text[job.segment] = text
         return [Partial(job.segment, text, stable, text[len(stable) :], job.start, job.end, tuple(token_ids))]
 
-    @property
-    def pending_finals(self) -> int:
-        return len(self._finals)
-
     def _apply(self, changes: list[Opened | Closed]) -> list[Event]:
         events: list[Event] = []
         for change in changes:

@@ -110,3 +110,18 @@ def test_partial_and_final_objects(speech, load_model):
     final = next(e for e in events if isinstance(e, Final))
     assert partial.segment == final.segment == 0
     assert partial.start == final.start and partial.audio_end < final.end
+
+
+def test_realtime_pacing_coalesces_partials_but_keeps_finals(speech, load_model):
+    """At real-time pace the engine runs while audio keeps arriving: partials may be fewer and
+    later, finals are exactly those of the as-fast-as-possible run."""
+    audio = np.concatenate([GAP[:8000], speech["cards-003"], GAP])
+    options, session_options = DecodingOptions(max_new_tokens=12), SessionOptions(partial_interval_ms=300)
+    runs = {}
+    for realtime in (False, True):
+        transcriber = StreamTranscriber(load_model("hf"), options)
+        runs[realtime] = list(stream_audio(Session(session_options), transcriber, audio, realtime=realtime))
+    finals = {mode: [e for e in events if isinstance(e, Final)] for mode, events in runs.items()}
+    assert finals[True] == finals[False] and len(finals[True]) == 1
+    partials = {mode: [e for e in events if isinstance(e, Partial)] for mode, events in runs.items()}
+    assert 1 <= len(partials[True]) <= len(partials[False])
