@@ -32,7 +32,6 @@ class Hypothesis:
     language: str | None
     text: str
     accepted: int  # tokens of the previous hypothesis confirmed by the verifying prefill
-    decoded: int  # model calls after the prefill (one token each)
 
 
 @dataclass
@@ -96,7 +95,7 @@ class UtteranceDecoder:
         tokens = self._continue(predicted[accepted], draft[:accepted], max_new_tokens)
         self.draft = tokens
         language, text = parse_answer(self.model.decode_text(tokens), self.forced_language)
-        return Hypothesis(tuple(tokens), language, text, accepted, len(tokens) - accepted)
+        return Hypothesis(tuple(tokens), language, text, accepted)
 
     def _refresh_windows(self, features: torch.Tensor, complete: int) -> None:
         size = self.frames_per_window

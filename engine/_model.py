@@ -62,6 +62,8 @@ class AsrModel:
         self.feature_extractor = feature_extractor
         self.info = info
         self.dtype = info.dtype
+        # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
+        network.requires_grad_(False)
         self._embed_tokens = network.get_input_embeddings()
 
     @classmethod
