@@ -27,6 +27,8 @@ from transformers import Qwen3ASRFeatureExtractor
 
 from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions, ModelInfo, StreamTranscriber, load_audio
 from asrlive.engine._incremental import UtteranceDecoder
+from asrlive.engine._llm import Step
+from asrlive.engine._model import Steps
 from asrlive.engine._prompt import PromptIds
 from asrlive.engine._shapes import random_network
 from asrlive.streaming import Session, SessionOptions
@@ -61,13 +63,13 @@ class ScriptedDecoder(UtteranceDecoder):
     def _accept(self, draft: list[int], predicted: list[int]) -> int:
         return max(0, len(draft) - REJECTED)
 
-    def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> list[int]:
+    def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> Steps[list[int]]:
         target = target_tokens(self.seconds)
         tokens = list(tokens)
         while len(tokens) < target:
             tokens.append(next_id)
             if len(tokens) < target:
-                next_id = int(self.model.forward(self.model.embed([next_id]), self._cache, 1)[0])
+                next_id = int((yield Step(self.model.embed([next_id]), self._cache, 1))[0])
         return tokens
 
 

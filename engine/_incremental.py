@@ -21,7 +21,8 @@ import torch
 
 from ._audio import SAMPLE_RATE
 from ._features import IncrementalMel
-from ._model import AsrModel
+from ._llm import Step
+from ._model import AsrModel, Steps
 from ._offline import DecodingOptions, token_budget
 from ._prompt import PromptIds, build_prompt, parse_answer
 
@@ -70,8 +71,10 @@ class UtteranceDecoder:
     def truncate(self, n_samples: int) -> None:
         self.mel.truncate(n_samples)
 
-    @torch.inference_mode()
     def update(self, max_new_tokens: int) -> Hypothesis:
+        return self.model.run(self.update_steps(max_new_tokens))
+
+    def update_steps(self, max_new_tokens: int) -> Steps[Hypothesis]:
         # 1. Features of the whole utterance; windows whose frames are all final are complete.
         features = self.mel.features()  # (n_mels, frames)
         complete = self.mel.n_final // self.frames_per_window
@@ -86,13 +89,13 @@ class UtteranceDecoder:
         draft = self.draft[:max_new_tokens]
         pieces = [w.embeds for w in self._windows[self._kv_windows : complete]]
         pieces += [open_embeds.to(self.model.dtype), self._suffix, self.model.embed(draft)]
-        predicted = self.model.forward(torch.cat(pieces), self._cache, len(draft) + 1).tolist()
+        predicted = (yield Step(torch.cat(pieces), self._cache, len(draft) + 1)).tolist()
         self._kv_windows = complete
         # 5. Keep the draft up to the first disagreement and drop the rejected tokens' KV.
         accepted = self._accept(draft, predicted)
         self._cache.truncate(self._cache.length - (len(draft) - accepted))
         # 6. Continue greedily from the model's own choice at the first disagreement.
-        tokens = self._continue(predicted[accepted], draft[:accepted], max_new_tokens)
+        tokens = yield from self._continue(predicted[accepted], draft[:accepted], max_new_tokens)
         self.draft = tokens
         language, text = parse_answer(self.model.decode_text(tokens), self.forced_language)
         return Hypothesis(tuple(tokens), language, text, accepted)
@@ -119,8 +122,8 @@ class UtteranceDecoder:
             accepted += 1
         return accepted
 
-    def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> list[int]:
-        return self.model.continue_greedy(next_id, self._cache, tokens, max_new_tokens)
+    def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> Steps[list[int]]:
+        return self.model.greedy_steps(next_id, self._cache, tokens, max_new_tokens)
 
 
 class StreamTranscriber:
@@ -135,6 +138,10 @@ class StreamTranscriber:
 
     def transcribe(self, segment: int, audio: np.ndarray, final: bool) -> Hypothesis:
         """Hypothesis for the utterance ``segment`` whose audio so far is ``audio`` (16 kHz mono)."""
+        return self.model.run(self.transcribe_steps(segment, audio, final))
+
+    def transcribe_steps(self, segment: int, audio: np.ndarray, final: bool) -> Steps[Hypothesis]:
+        """``transcribe`` as a computation that yields its LLM forwards (to be batched with others')."""
         decoder = self._decoders.get(segment)
         if decoder is None:
             decoder = self._decoders[segment] = self._new_decoder()
@@ -143,7 +150,7 @@ class StreamTranscriber:
         decoder.truncate(audio.size)
         decoder.append(audio[decoder.mel.n_samples :])
         encoded_before = decoder.windows_encoded
-        hypothesis = decoder.update(token_budget(audio.size / SAMPLE_RATE, self.options))
+        hypothesis = yield from decoder.update_steps(token_budget(audio.size / SAMPLE_RATE, self.options))
         self.windows_encoded += decoder.windows_encoded - encoded_before
         if final:
             del self._decoders[segment]

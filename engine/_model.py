@@ -6,8 +6,10 @@ features -> audio embeddings -> prompt embeddings -> greedy decoding over an exp
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -15,7 +17,13 @@ import torch
 from ._audio import SAMPLE_RATE
 from ._checkpoint import DEFAULT_MODEL, ModelLoadError, load_network, read_checkpoint, resolve_model_dir
 from ._kvcache import KVCache
+from ._llm import RaggedForward, Step, can_pack_weights
 from ._prompt import PromptIds
+
+T = TypeVar("T")
+# A computation that needs LLM forwards: it yields each Step it wants run, is sent the greedy
+# ids, and returns its result. One driver runs it alone, another runs many in one batch.
+Steps = Generator[Step, torch.Tensor, T]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EOS_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
@@ -65,6 +73,17 @@ class AsrModel:
         # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
         network.requires_grad_(False)
         self._embed_tokens = network.get_input_embeddings()
+        self._ragged = RaggedForward(network.model.language_model, network.lm_head)
+
+    def pack_weights(self) -> bool:
+        """Keep MKL-packed copies of the LLM weights for batched decoding (see ``_llm``), where possible.
+
+        Costs the LLM's weight memory once more; worth it only when several sessions share the model.
+        """
+        if not can_pack_weights(self.dtype):
+            return False
+        self._ragged = RaggedForward(self.network.model.language_model, self.network.lm_head, pack_weights=True)
+        return True
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, dtype: str | None = None) -> AsrModel:
@@ -124,13 +143,11 @@ class AsrModel:
         One position gets its logits alone, as in ``generate``: a one-row product rounds
         differently from a many-row one, and the reference's decode steps are one-row products.
         """
-        hidden = self.network.model.language_model(
-            inputs_embeds=embeds[None], past_key_values=cache, use_cache=True
-        ).last_hidden_state  # (1, seq, hidden)
-        if n_logits == 0:
-            return torch.empty(0, dtype=torch.long)
-        logits = self.network.lm_head(hidden[0, -n_logits:, :])  # (n_logits, vocab)
-        return logits.argmax(dim=-1)
+        return self._ragged([Step(embeds, cache, n_logits)])[0]
+
+    def forward_batch(self, steps: Sequence[Step]) -> list[torch.Tensor]:
+        """``forward`` for several sequences in one pass over the weights (see ``_llm``)."""
+        return self._ragged(steps)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.network.config.text_config.num_hidden_layers)
@@ -144,16 +161,26 @@ class AsrModel:
         """
         cache = self.new_cache()
         next_id = int(self.forward(embeds, cache, 1)[0])
-        return self.continue_greedy(next_id, cache, [], max_new_tokens)
+        return self.run(self.greedy_steps(next_id, cache, [], max_new_tokens))
 
-    def continue_greedy(self, next_id: int, cache: KVCache, tokens: list[int], max_new_tokens: int) -> list[int]:
+    def greedy_steps(self, next_id: int, cache: KVCache, tokens: list[int], max_new_tokens: int) -> Steps[list[int]]:
         """Append greedy tokens, starting with ``next_id``, until eos or ``max_new_tokens`` in all."""
         tokens = list(tokens)
         while len(tokens) < max_new_tokens and next_id not in EOS_IDS:
             tokens.append(next_id)
             if len(tokens) < max_new_tokens:
-                next_id = int(self.forward(self.embed([next_id]), cache, 1)[0])
+                next_id = int((yield Step(self.embed([next_id]), cache, 1))[0])
         return tokens
+
+    @torch.inference_mode()
+    def run(self, steps: Steps[T]) -> T:
+        """Drive one computation alone: each forward it asks for is run as it comes."""
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(self.forward(step.embeds, step.cache, step.n_logits))
+        except StopIteration as stop:
+            return stop.value
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -1,0 +1,89 @@
+"""Batched inference: the ragged LLM forward and the lockstep driver of many streams' work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions, StreamTranscriber, run_batch
+from asrlive.engine._llm import Step
+
+PROMPTS = [
+    DecodingOptions(),
+    DecodingOptions(language="English"),
+    DecodingOptions(context="Chapter three. Mister Ruggles."),
+    DecodingOptions(language="German", context="Protokoll"),
+    DecodingOptions(language="French"),
+]
+
+
+def _transformers_pass(model: AsrModel, embeds: torch.Tensor, cache: DynamicCache) -> int:
+    hidden = model.network.model.language_model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+    return int(model.network.lm_head(hidden.last_hidden_state[0, -1:]).argmax(-1)[0])
+
+
+def test_one_sequence_is_bit_identical_to_transformers(load_model):
+    model = load_model("hf")
+    torch.manual_seed(1)
+    hidden = model.network.config.text_config.hidden_size
+    ours, theirs = model.new_cache(), DynamicCache(config=model.network.config.text_config)
+    # Prefill into an empty cache, prefill after a cache, then decode steps.
+    with torch.inference_mode():
+        for rows in (37, 12, 1, 1, 1):
+            embeds = torch.randn(rows, hidden)
+            assert int(model.forward(embeds, ours, 1)[0]) == _transformers_pass(model, embeds, theirs)
+            for layer, reference in zip(ours.layers, theirs.layers, strict=True):
+                assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+
+
+def _clips(speech) -> list[np.ndarray]:
+    names = sorted(speech)
+    return [speech[names[i % len(names)]][: (3 + i) * SAMPLE_RATE] for i in range(len(PROMPTS))]
+
+
+def _each_alone(model: AsrModel, clips) -> list[tuple[int, ...]]:
+    return [StreamTranscriber(model, o).transcribe(0, clip, True).token_ids for o, clip in zip(PROMPTS, clips)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_batched_streams_get_their_own_results(load_model, checkpoints, speech, packed):
+    """Five streams with different prompts and audio lengths, batched: each gets what it gets alone,
+    partial after partial (the verified drafts and truncated caches of a stream stay its own)."""
+    model = AsrModel.load(str(checkpoints["hf"]), "float32") if packed else load_model("hf")
+    if packed:
+        assert model.pack_weights()
+    clips = _clips(speech)
+    alone = [StreamTranscriber(model, options) for options in PROMPTS]
+    together = [StreamTranscriber(model, options) for options in PROMPTS]
+    for seconds in (1.5, 2.5, 3.0):
+        pieces = [clip[: int(seconds * SAMPLE_RATE)] for clip in clips]
+        expected = [t.transcribe(0, piece, False) for t, piece in zip(alone, pieces, strict=True)]
+        computations = [t.transcribe_steps(0, piece, False) for t, piece in zip(together, pieces, strict=True)]
+        got = run_batch(model, computations)
+        assert [h.token_ids for h in got] == [h.token_ids for h in expected]
+        assert [h.accepted for h in got] == [h.accepted for h in expected]
+    finals = run_batch(model, [t.transcribe_steps(0, clip, True) for t, clip in zip(together, clips, strict=True)])
+    assert [h.token_ids for h in finals] == _each_alone(model, clips)
+    assert len({h.token_ids for h in finals}) == len(PROMPTS), "the streams' answers differ from each other"
+
+
+def test_a_failing_stream_leaves_the_batch_running(load_model, speech):
+    model = load_model("hf")
+    clip = next(iter(speech.values()))[: 2 * SAMPLE_RATE]
+
+    def broken():
+        yield Step(torch.zeros(3, 7), model.new_cache(), 1)  # wrong hidden size: the forward fails
+
+    def bad_audio():
+        raise ValueError("no audio")
+        yield  # a generator that fails before its first step
+
+    good = StreamTranscriber(model)
+    results = run_batch(model, [bad_audio(), good.transcribe_steps(0, clip, True)])
+    assert isinstance(results[0], ValueError)
+    assert results[1].token_ids == StreamTranscriber(model).transcribe(0, clip, True).token_ids
+    results = run_batch(model, [broken(), StreamTranscriber(model).transcribe_steps(0, clip, True)])
+    assert all(isinstance(r, RuntimeError) for r in results), "a failed forward fails the streams in it"
