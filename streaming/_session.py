@@ -69,6 +69,16 @@ class Session:
         """Samples classified so far."""
         return self._offset + self._buffer.size
 
+    @property
+    def pending_finals(self) -> int:
+        """Closed utterances whose final job has not been taken yet."""
+        return len(self._finals)
+
+    @property
+    def segments(self) -> int:
+        """Utterances opened so far."""
+        return self._segment + 1
+
     def feed(self, pcm: np.ndarray) -> list[Event]:
         if self.finished:
             raise RuntimeError("feed() after finish()")

@@ -1,0 +1,210 @@
+"""The asyncio server: the WebSocket endpoint, health and metrics, admission, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from asrlive import __version__
+from asrlive.engine import AsrModel, DecodingOptions
+from asrlive.streaming import PROTOCOL_VERSION, ProtocolError, SessionOptions
+
+from ._connection import Connection, authorized
+from ._metrics import WINDOW_S, Metrics
+from ._scheduler import Scheduler, TranscriberFactory
+
+log = logging.getLogger("asrlive.server")
+
+STREAM_PATH = "/v1/stream"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0: any free port (see AsrServer.port)
+    max_sessions: int = 16
+    max_batch: int = 8  # streams per inference batch
+    max_frame_bytes: int = 256 * 1024
+    idle_timeout_s: float = 30.0
+    max_session_s: float = 4 * 3600.0
+    max_lag_s: float = 3.0  # refuse new sessions while an open one's results are this late; 0: never
+    lag_warning_s: float = 2.0  # tell a client when its results are this late
+    token: str | None = None
+    drain_timeout_s: float = 60.0  # how long finals may take at the end of a session
+    close_timeout_s: float = 10.0
+    session: SessionOptions = field(default_factory=SessionOptions)
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_batch", "max_frame_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("idle_timeout_s", "max_session_s", "drain_timeout_s", "close_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class AsrServer:
+    """``async with AsrServer(model, options) as server: await server.wait_closed()``."""
+
+    protocol_version = PROTOCOL_VERSION
+
+    def __init__(
+        self, model: AsrModel, options: ServerOptions, make_transcriber: TranscriberFactory | None = None
+    ) -> None:
+        self.model = model
+        self.model_name = model.info.name
+        self.options = options
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(model, self.metrics, options.max_batch, make_transcriber)
+        self._connections: set[Connection] = set()
+        self._admitted = 0
+        self._counter = 0
+        self._server: Server | None = None
+        self._stopping = False
+        self.metrics.sessions.set_function(lambda: self._admitted)
+        self.metrics.lag.set_function(self.worst_lag)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        self._server = await serve(
+            self._handle,
+            self.options.host,
+            self.options.port,
+            process_request=self._process_request,
+            # Frames a little over the limit get a protocol error (and their session's finals);
+            # far larger ones are cut off by the WebSocket layer with close code 1009.
+            max_size=4 * self.options.max_frame_bytes,
+            compression=None,
+            close_timeout=self.options.close_timeout_s,
+        )
+        log.info("listening on %s", self.url)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.options.host if ":" not in self.options.host else f"[{self.options.host}]"
+        return f"ws://{host}:{self.port}{STREAM_PATH}"
+
+    async def shutdown(self) -> None:
+        """Stop accepting; every open session gets its finals, ``done`` and close code 1001; then stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        assert self._server is not None
+        log.info("shutting down: finishing %d open sessions", len(self._connections))
+        self._server.close(close_connections=False)
+        for connection in list(self._connections):
+            connection.interrupt("shutdown")
+        await self._server.wait_closed()
+        await self.scheduler.stop()
+        log.info("stopped")
+
+    async def wait_closed(self) -> None:
+        assert self._server is not None
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> AsrServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.shutdown()
+
+    # -- connections -----------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self._counter += 1
+        connection = Connection(self, ws, self._counter)
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("%s: connection failed", connection.id)
+        finally:
+            self._connections.discard(connection)
+            if connection.admitted:
+                self._admitted -= 1
+
+    def admit(self, connection: Connection) -> ProtocolError | None:
+        """None to admit the connection's session, else why it is refused."""
+        options = self.options
+        if not authorized(connection.ws, options.token):
+            return ProtocolError("unauthorized", "a valid token is required (Authorization: Bearer, or ?token=)")
+        if self._stopping:
+            return ProtocolError("server_busy", "the server is shutting down")
+        if self._admitted >= options.max_sessions:
+            return ProtocolError("server_full", f"all {options.max_sessions} sessions are in use; try again later")
+        if options.max_lag_s and self.worst_lag() > options.max_lag_s:
+            return ProtocolError(
+                "server_busy",
+                f"the open sessions' results are {self.worst_lag():.1f} s behind their audio; try again later",
+            )
+        self._admitted += 1
+        connection.admitted = True
+        return None
+
+    def worst_lag(self) -> float:
+        """The latest result latency of each open session, if recent; the worst of them."""
+        now = time.monotonic()
+        recent = [c.latency[0] for c in self._connections if now - c.latency[1] < WINDOW_S]
+        return max(recent, default=0.0)
+
+    # -- plain HTTP --------------------------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == STREAM_PATH:
+            return None
+        if path == "/healthz":
+            status = http.HTTPStatus.SERVICE_UNAVAILABLE if self._stopping else http.HTTPStatus.OK
+            body = {
+                "status": "stopping" if self._stopping else "ok",
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "model": self.model_name,
+                "sessions": self._admitted,
+                "max_sessions": self.options.max_sessions,
+            }
+            return _response(ws, status, json.dumps(body) + "\n", "application/json")
+        if path == "/metrics":
+            return _response(ws, http.HTTPStatus.OK, self.metrics.exposition().decode(), CONTENT_TYPE_LATEST)
+        return _response(ws, http.HTTPStatus.NOT_FOUND, f"not found; the WebSocket endpoint is {STREAM_PATH}\n")
+
+
+def _response(ws: ServerConnection, status: http.HTTPStatus, body: str, content_type: str | None = None) -> Response:
+    response = ws.respond(status, body)  # text/plain; charset=utf-8
+    if content_type is not None:
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = content_type
+    return response
+
+
+async def run_server(server: AsrServer, ready=None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    await stop.wait()
+    await server.shutdown()
