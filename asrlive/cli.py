@@ -26,6 +26,7 @@ from asrlive.engine import (
     transcribe,
 )
 from asrlive.streaming import Final, Session, SessionOptions, VadOptions
+from asrlive.web import STREAM_PATH, AsrServer, ServerOptions, run_server
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
@@ -49,6 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"asrlive {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_transcribe(commands)
+    _add_serve(commands)
+    _add_loadtest(commands)
     _add_bench(commands)
     return parser
 
@@ -193,6 +196,129 @@ def _print_result(path: str, result: Transcription, fmt: str, several: bool) -> 
         print(result.text, flush=True)
 
 
+def _add_serve(commands) -> None:
+    defaults = ServerOptions()
+    cmd = commands.add_parser(
+        "serve",
+        help="run the streaming WebSocket server",
+        description=f"Serve live transcription over WebSocket at ws://HOST:PORT{STREAM_PATH} "
+        "(protocol: docs/protocol.md), with GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes "
+        "every open utterance, then exits.",
+    )
+    _add_model_options(cmd)
+    cmd.add_argument("--host", default=defaults.host, help="interface to listen on (default: %(default)s)")
+    cmd.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port (default: %(default)s)")
+    cmd.add_argument("--token", default=None, help="require this bearer token (header or ?token=)")
+    limits = cmd.add_argument_group("limits")
+    limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="(default: %(default)s)")
+    limits.add_argument(
+        "--max-batch", type=int, default=defaults.max_batch, help="streams per inference batch (default: %(default)s)"
+    )
+    limits.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes, help="(default: %(default)s)")
+    limits.add_argument(
+        "--idle-timeout", type=float, default=defaults.idle_timeout_s, help="seconds (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-session-seconds", type=float, default=defaults.max_session_s, help="of audio (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-lag",
+        type=float,
+        default=defaults.max_lag_s,
+        help="refuse new sessions while open ones get results this many seconds late; 0: never (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--partial-interval-ms",
+        type=int,
+        default=defaults.session.partial_interval_ms,
+        help="default audio between partials; clients may ask for another (default: %(default)s)",
+    )
+    cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cmd.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = ServerOptions(
+            host=args.host,
+            port=args.port,
+            token=args.token,
+            max_sessions=args.max_sessions,
+            max_batch=args.max_batch,
+            max_frame_bytes=args.max_frame_bytes,
+            idle_timeout_s=args.idle_timeout,
+            max_session_s=args.max_session_seconds,
+            max_lag_s=args.max_lag,
+            session=SessionOptions(partial_interval_ms=args.partial_interval_ms),
+        )
+    except ValueError as exc:
+        print(f"asrlive serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    model = AsrModel.load(args.model, args.dtype)
+    if args.max_batch > 1 and model.pack_weights():
+        logging.getLogger("asrlive.server").info("MKL-packed weight copies kept for batched decoding")
+    server = AsrServer(model, options)
+
+    def ready(server: AsrServer) -> None:
+        print(f"asrlive: listening on {server.url}", file=sys.stderr, flush=True)
+
+    try:
+        asyncio.run(run_server(server, ready))
+    except OSError as exc:
+        print(f"asrlive serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _add_loadtest(commands) -> None:
+    cmd = commands.add_parser(
+        "loadtest",
+        help="stream real speech from N concurrent clients",
+        description="N concurrent clients stream audio files in real time to a server; prints partial and final "
+        "latency (p50/p95), the server's real-time factor (from its /metrics) and errors.",
+    )
+    cmd.add_argument("url", metavar="URL", help=f"ws://HOST:PORT{STREAM_PATH}")
+    cmd.add_argument("--sessions", type=int, default=4, help="concurrent clients (default: %(default)s)")
+    cmd.add_argument("--audio", nargs="+", required=True, metavar="FILE", help="speech files, used round-robin")
+    cmd.add_argument("--token", default=None)
+    cmd.add_argument("--stagger", type=float, default=0.25, help="seconds between client starts (default: %(default)s)")
+    cmd.add_argument("--partial-interval-ms", type=int, default=None, help="(default: the server's)")
+    cmd.set_defaults(run=_run_loadtest)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from asrlive.clients._loadtest import run_load
+
+    if args.sessions < 1:
+        print("asrlive loadtest: --sessions must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        clips = [load_audio(path) for path in args.audio]
+    except AudioError as exc:
+        print(f"asrlive loadtest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    seconds = max(clip.size for clip in clips) / 16_000
+    print(f"asrlive loadtest: {args.sessions} sessions, about {seconds:.0f} s ...", file=sys.stderr, flush=True)
+    report = asyncio.run(
+        run_load(
+            args.url,
+            clips,
+            args.sessions,
+            stagger_s=args.stagger,
+            token=args.token,
+            partial_interval_ms=args.partial_interval_ms,
+        )
+    )
+    print("\n".join(report.lines()), flush=True)
+    return EXIT_SOME_FAILED if report.errors else 0
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="speed measurements", description="Speed measurements.")
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -212,6 +338,30 @@ def _add_bench(commands) -> None:
     stream.add_argument("--audio", type=Path, default=None, help="speech to loop (default: the test fixtures)")
     stream.add_argument("--no-official", action="store_true", help="skip the official algorithm")
     stream.set_defaults(run=_run_bench_stream)
+    serve = which.add_parser(
+        "serve",
+        help="concurrent real-time sessions on one server, batched versus one stream at a time",
+        description="In-process servers with a random-weight network of the true shapes; N clients stream real "
+        "speech in real time; prints real-time factor and latencies per batch limit and session count.",
+    )
+    serve.add_argument("--size", choices=["0.6B", "1.7B"], default="0.6B", help="model shape (default: 0.6B)")
+    serve.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="(default: the engine's policy)")
+    serve.add_argument("--sessions", default="1,2,4,6,8", help="session counts (default: %(default)s)")
+    serve.add_argument("--batch", default="1,8", help="max streams per batch to compare (default: %(default)s)")
+    serve.add_argument("--duration", type=float, default=30.0, help="seconds of audio per session (default: 30)")
+    serve.add_argument("--partial-interval-ms", type=int, default=1000, help="(default: %(default)s)")
+    serve.add_argument("--audio", type=Path, default=None, help="speech to loop (default: the test fixtures)")
+    serve.set_defaults(run=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from asrlive.clients._bench_serve import bench_serve
+
+    counts = [int(n) for n in args.sessions.split(",") if n]
+    batches = [int(n) for n in args.batch.split(",") if n]
+    dtype = resolve_dtype(args.dtype)
+    bench_serve(args.size, dtype, counts, batches, args.duration, args.partial_interval_ms, args.audio)
+    return 0
 
 
 def _run_bench_stream(args: argparse.Namespace) -> int:

@@ -74,8 +74,7 @@ class ScriptedDecoder(UtteranceDecoder):
 
 
 class ScriptedTranscriber(StreamTranscriber):
-    def _new_decoder(self) -> UtteranceDecoder:
-        return ScriptedDecoder(self.model, self._prompt, "English")
+    decoder_class = ScriptedDecoder
 
 
 @dataclass(frozen=True)

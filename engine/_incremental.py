@@ -21,6 +21,7 @@ import torch
 
 from ._audio import SAMPLE_RATE
 from ._features import IncrementalMel
+from ._kvcache import KVCache
 from ._llm import Step
 from ._model import AsrModel, Steps
 from ._offline import DecodingOptions, token_budget
@@ -44,7 +45,9 @@ class _Window:
 class UtteranceDecoder:
     """Incremental state of one utterance: ``append`` audio, ``update`` for the current hypothesis."""
 
-    def __init__(self, model: AsrModel, prompt: PromptIds, forced_language: str | None) -> None:
+    def __init__(
+        self, model: AsrModel, prompt: PromptIds, forced_language: str | None, prefix_cache: KVCache | None = None
+    ) -> None:
         self.model = model
         self.forced_language = forced_language
         self.mel = IncrementalMel(model.feature_extractor.mel_filters)
@@ -52,9 +55,8 @@ class UtteranceDecoder:
         self.frames_per_window = audio.n_window_infer
         self._windows: list[_Window] = []
         self._suffix = model.embed(prompt.suffix)
-        self._cache = model.new_cache()
-        with torch.inference_mode():
-            model.forward(model.embed(prompt.prefix), self._cache, 0)
+        # The prompt prefix is the same for every utterance of a stream: its KV is copied, not recomputed.
+        self._cache = prefix_cache.copy() if prefix_cache is not None else prefix_kv(model, prompt)
         self._prefix_len = len(prompt.prefix)
         self._tokens_per_window = 0  # known after the first completed window
         self._kv_windows = 0  # completed windows whose audio tokens are in the KV cache
@@ -126,14 +128,24 @@ class UtteranceDecoder:
         return self.model.greedy_steps(next_id, self._cache, tokens, max_new_tokens)
 
 
+def prefix_kv(model: AsrModel, prompt: PromptIds) -> KVCache:
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model.forward(model.embed(prompt.prefix), cache, 0)
+    return cache
+
+
 class StreamTranscriber:
     """The engine side of one stream: an ``UtteranceDecoder`` per open utterance, released at its final."""
+
+    decoder_class = UtteranceDecoder
 
     def __init__(self, model: AsrModel, options: DecodingOptions | None = None, prompt: PromptIds | None = None):
         self.model = model
         self.options = options = options or DecodingOptions()
         self._prompt = prompt or build_prompt(model.tokenizer, options.context, options.language)
         self._decoders: dict[int, UtteranceDecoder] = {}
+        self._prefix_cache: KVCache | None = None  # computed with the first utterance
         self.windows_encoded = 0  # completed 8 s windows encoded over the stream's life
 
     def transcribe(self, segment: int, audio: np.ndarray, final: bool) -> Hypothesis:
@@ -157,7 +169,9 @@ class StreamTranscriber:
         return hypothesis
 
     def _new_decoder(self) -> UtteranceDecoder:
-        return UtteranceDecoder(self.model, self._prompt, self.options.language)
+        if self._prefix_cache is None:
+            self._prefix_cache = prefix_kv(self.model, self._prompt)
+        return self.decoder_class(self.model, self._prompt, self.options.language, self._prefix_cache)
 
     @property
     def open_utterances(self) -> int:

@@ -69,3 +69,11 @@ class KVCache(Cache):
         excess = self.length - length
         if excess > 0:
             self.crop(-excess)
+
+    def copy(self) -> KVCache:
+        """An independent cache holding the same keys and values."""
+        other = KVCache(len(self.layers))
+        for index, layer in enumerate(self.layers):
+            if layer.is_initialized:
+                other.update(layer.keys.clone(), layer.values.clone(), index)
+        return other

@@ -100,8 +100,11 @@ _START_FIELDS = {
 }
 
 
-def parse_message(text: str) -> Start | Finish:
-    """A client text message; raises ProtocolError with the code that says what is wrong."""
+def parse_message(text: str, started: bool = False) -> Start | Finish:
+    """A client text message; raises ProtocolError with the code that says what is wrong.
+
+    ``started``: the session has started, so a start message is refused before it is examined.
+    """
     try:
         message = json.loads(text)
     except ValueError as exc:
@@ -112,6 +115,8 @@ def parse_message(text: str) -> Start | Finish:
     if kind == "finish":
         return Finish()
     if kind == "start":
+        if started:
+            raise ProtocolError("already_started", 'this session has started; send audio or "finish"')
         return _parse_start(message)
     raise ProtocolError("unknown_type", f'unknown message type {kind!r}; expected "start" or "finish"')
 
@@ -120,7 +125,8 @@ def _parse_start(message: dict[str, Any]) -> Start:
     unknown = sorted(set(message) - _START_FIELDS)
     if unknown:
         raise ProtocolError("bad_start", f"unknown start fields {unknown}; known: {sorted(_START_FIELDS)}")
-    if message.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+    version = message.get("protocol", PROTOCOL_VERSION)
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError("unsupported_protocol", f"this server speaks protocol {PROTOCOL_VERSION}")
     language = _field(message, "language", (str, type(None)), None)
     context = _field(message, "context", str, "")

@@ -62,6 +62,7 @@ class Session:
         self._utterance_start = 0
         self._partial_end = 0  # audio end of the last partial job of the open utterance
         self._last_text: dict[int, str] = {}
+        self._finalized = -1  # the last segment whose final was completed
         self.finished = False
 
     @property
@@ -120,9 +121,11 @@ class Session:
         """The engine's hypothesis for ``job``, as the event the client should see."""
         if job.final:
             self._last_text.pop(job.segment, None)
+            self._finalized = max(self._finalized, job.segment)
             return [Final(job.segment, text, language, job.start, job.end, tuple(token_ids))]
-        if job.segment != self._segment or self._segmenter.start != job.start:
-            return []  # the utterance was closed meanwhile: its final supersedes this partial
+        if job.segment <= self._finalized:
+            return []  # the final is out: it supersedes this partial
+        # An utterance that closed while this partial was computed still shows it until its final.
         stable = stable_prefix(self._last_text.get(job.segment, ""), text)
         self._last_text[job.segment] = text
         return [Partial(job.segment, text, stable, text[len(stable) :], job.start, job.end, tuple(token_ids))]

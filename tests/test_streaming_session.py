@@ -110,7 +110,7 @@ def test_partials_follow_the_interval_and_coalesce(speech):
     assert session.next_job() is None  # one partial on the newest audio, not four
 
 
-def test_finals_are_queued_in_order_and_stale_partials_dropped(three_utterances):
+def test_finals_are_queued_in_order_and_partials_after_their_final_dropped(three_utterances):
     audio, _ = three_utterances
     session = Session(SessionOptions(partial_interval_ms=500))
     fed, partial = 0, None
@@ -120,11 +120,14 @@ def test_finals_are_queued_in_order_and_stale_partials_dropped(three_utterances)
     assert partial.segment == 0 and not partial.final
     session.feed(audio[fed:])
     session.finish()
-    assert session.complete(partial, [1, 2], "stale", None) == []  # segment 0 closed meanwhile
+    # Segment 0 closed meanwhile, but its final is not out yet: the partial is still news.
+    (late,) = session.complete(partial, [1, 2], "ten of", None)
+    assert isinstance(late, Partial) and (late.segment, late.text) == (0, "ten of")
     finals = [job for job in _drain(session) if job.final]
     assert [job.segment for job in finals] == [0, 1, 2]
     events = session.complete(finals[0], (5, 6), "ten of clubs", "English")
     assert events == [Final(0, "ten of clubs", "English", finals[0].start, finals[0].end, (5, 6))]
+    assert session.complete(partial, [1, 2], "ten of", None) == []  # after its final: superseded
 
 
 def test_partial_events_split_stable_and_unstable(speech):

@@ -31,7 +31,6 @@ from asrlive.streaming import (
     CloseCode,
     Event,
     Final,
-    Finish,
     Job,
     Partial,
     ProtocolError,
@@ -80,6 +79,7 @@ class Connection:
         self._receiving: asyncio.Future[Any] | None = None
         self._interrupted: str | None = None
         self._failed = False
+        self._discarding: asyncio.Task[None] | None = None
         self.latency = (0.0, 0.0)  # (latency of the last result, when it was sent)
         self._last_lag_event = 0.0
 
@@ -99,6 +99,8 @@ class Connection:
         await self._outbox.put(None)
         await asyncio.wait({sender}, timeout=self.options.close_timeout_s)
         await self.ws.close(code, reason)
+        if self._discarding is not None:
+            self._discarding.cancel()
 
     def interrupt(self, reason: str) -> None:
         """Stop receiving and wind the session down (``shutdown``, or ``internal_error``)."""
@@ -112,6 +114,7 @@ class Connection:
         if refusal is not None:
             self.server.metrics.refused.labels(refusal.code).inc()
             self._send(refusal.to_json())
+            self._discard_incoming()
             return refusal.close_code, refusal.code
         try:
             start = await self._receive_start()
@@ -121,12 +124,27 @@ class Connection:
             ending = error
         except Interrupted as interruption:
             ending = interruption.reason
+        self._discard_incoming()
         if isinstance(ending, ProtocolError):
             self.server.metrics.errors.labels(ending.code).inc()
             self._send(ending.to_json())
         return await self._finish(ending)
 
+    def _discard_incoming(self) -> None:
+        """Read and drop whatever the client still sends: unread frames would stall the closing handshake."""
+
+        async def discard() -> None:
+            try:
+                async for _ in self.ws:
+                    pass
+            except ConnectionClosed:
+                return
+
+        self._discarding = asyncio.create_task(discard())
+
     async def _finish(self, ending: str | ProtocolError) -> tuple[int, str]:
+        if self._failed:  # the engine failed this stream, whatever else was going on
+            ending = "internal_error"
         reason = ending.code if isinstance(ending, ProtocolError) else ending
         if self._stream is None:  # nothing was started
             return (ending.close_code if isinstance(ending, ProtocolError) else CloseCode.GOING_AWAY), reason
@@ -182,17 +200,18 @@ class Connection:
         while True:
             message = await self._receive()
             if isinstance(message, str):
-                if isinstance(parse_message(message), Finish):
-                    return "finish"
-                raise ProtocolError("already_started", 'this session has started; send audio or "finish"')
+                parse_message(message, started=True)  # anything but a valid finish raises
+                return "finish"
             if len(message) > self.options.max_frame_bytes:
                 raise ProtocolError(
                     "frame_too_large",
                     f"a {len(message)}-byte frame exceeds the limit of {self.options.max_frame_bytes} bytes",
                 )
             assert self._decoder is not None
-            self._feed(self._decoder.decode(message))
-            if self._decoder.seconds > self.options.max_session_s:
+            pcm = self._decoder.decode(message)
+            allowed = round(self.options.max_session_s * SAMPLE_RATE) - self._received
+            self._feed(pcm[: max(allowed, 0)])
+            if pcm.size > allowed:
                 raise ProtocolError(
                     "session_too_long", f"sessions are limited to {self.options.max_session_s:g} s of audio"
                 )

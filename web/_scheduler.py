@@ -112,7 +112,11 @@ class Scheduler:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._infer, batch)
-        self.metrics.busy(time.monotonic() - started, len(batch))
+        elapsed = time.monotonic() - started
+        self.metrics.busy(elapsed, len(batch))
+        if log.isEnabledFor(logging.DEBUG):
+            jobs = ", ".join(f"{'final' if job.final else 'partial'} {(job.end - job.start) / 16000:.1f}s" for _, job in batch)
+            log.debug("batch of %d in %.2f s: %s", len(batch), elapsed, jobs)
         for (stream, job), result in zip(batch, results, strict=True):
             stream.in_flight = False
             if stream.closed:

@@ -1,0 +1,159 @@
+"""The load generator: N concurrent clients streaming real speech in real time to a server.
+
+Every client sends 100 ms frames at wall-clock pace and notes when each frame left. Latencies
+are measured on the client: a partial's latency is the time from sending the last audio it
+covers (``audio_end``) to receiving it; a final's, from sending the utterance's last audio
+(``end``) to receiving it, which includes the silence the server waits for to end an utterance.
+The real-time factor comes from the server's /metrics: inference-thread busy time over the wall
+time of the test, i.e. the share of real time the engine needed to serve all the streams; at
+1.0 it is saturated and partials start to coalesce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from asrlive.engine import SAMPLE_RATE
+
+from ._client import SessionRefused, connect
+
+FRAME = SAMPLE_RATE // 10
+
+
+@dataclass
+class ClientRecord:
+    partial_latencies: list[float] = field(default_factory=list)
+    final_latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    finals: int = 0
+    audio_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    sessions: int
+    wall_seconds: float
+    audio_seconds: float
+    partial_latencies: tuple[float, ...]
+    final_latencies: tuple[float, ...]
+    finals: int
+    errors: tuple[str, ...]
+    busy_seconds: float | None  # from the server's /metrics, if reachable
+
+    @property
+    def real_time_factor(self) -> float | None:
+        return None if self.busy_seconds is None else self.busy_seconds / self.wall_seconds
+
+    def lines(self) -> list[str]:
+        rtf = "n/a (no /metrics)" if self.real_time_factor is None else f"{self.real_time_factor:.2f}"
+        per_second = len(self.partial_latencies) / max(self.audio_seconds, 1e-9)
+        return [
+            f"sessions: {self.sessions}, {self.audio_seconds:.0f} s of audio in {self.wall_seconds:.0f} s",
+            f"partial latency: p50 {_p(self.partial_latencies, 50)} p95 {_p(self.partial_latencies, 95)} "
+            f"({len(self.partial_latencies)} partials, {per_second:.2f} per second of audio)",
+            f"final latency (end of speech -> final): p50 {_p(self.final_latencies, 50)} "
+            f"p95 {_p(self.final_latencies, 95)} ({self.finals} finals)",
+            f"real-time factor (engine busy / wall time): {rtf}",
+            f"errors: {len(self.errors)}" + (f" ({', '.join(sorted(set(self.errors)))})" if self.errors else ""),
+        ]
+
+
+def _p(values, q: float) -> str:
+    return f"{np.percentile(values, q):.2f} s" if len(values) else "n/a"
+
+
+async def run_load(
+    url: str,
+    clips: list[np.ndarray],
+    sessions: int,
+    *,
+    stagger_s: float = 0.25,
+    token: str | None = None,
+    partial_interval_ms: int | None = None,
+) -> LoadReport:
+    """``sessions`` clients, the i-th streaming ``clips[i % len(clips)]`` (16 kHz mono) from ``i * stagger_s``."""
+    busy_before = await asyncio.to_thread(inference_seconds, url)
+    started = time.monotonic()
+    records = [ClientRecord() for _ in range(sessions)]
+    clients = [
+        _client(url, clips[i % len(clips)], records[i], i * stagger_s, token, partial_interval_ms)
+        for i in range(sessions)
+    ]
+    await asyncio.gather(*clients)
+    wall = time.monotonic() - started
+    busy_after = await asyncio.to_thread(inference_seconds, url)
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    return LoadReport(
+        sessions=sessions,
+        wall_seconds=wall,
+        audio_seconds=sum(r.audio_seconds for r in records),
+        partial_latencies=tuple(x for r in records for x in r.partial_latencies),
+        final_latencies=tuple(x for r in records for x in r.final_latencies),
+        finals=sum(r.finals for r in records),
+        errors=tuple(e for r in records for e in r.errors),
+        busy_seconds=busy,
+    )
+
+
+async def _client(url, audio, record: ClientRecord, delay: float, token, interval) -> None:
+    await asyncio.sleep(delay)
+    sent_at = np.full(-(-audio.size // FRAME), np.inf)  # when frame i left
+
+    def sent(seconds: float) -> float:
+        frame = min(max(int(np.ceil(seconds * SAMPLE_RATE / FRAME)) - 1, 0), sent_at.size - 1)
+        return sent_at[frame]
+
+    try:
+        async with connect(url, token=token, partial_interval_ms=interval) as stream:
+            sender = asyncio.create_task(_send_realtime(stream, audio, sent_at))
+            async for event in stream:
+                now = time.monotonic()
+                if event["type"] == "partial":
+                    record.partial_latencies.append(now - sent(event["audio_end"]))
+                elif event["type"] == "final":
+                    record.final_latencies.append(now - sent(event["end"]))
+                    record.finals += 1
+                elif event["type"] == "error":
+                    record.errors.append(event["code"])
+            await sender
+            if stream.close_code != 1000:
+                record.errors.append(f"close {stream.close_code}")
+            record.audio_seconds = audio.size / SAMPLE_RATE
+    except SessionRefused as refused:
+        record.errors.append(refused.code)
+    except (OSError, TimeoutError) as exc:
+        record.errors.append(type(exc).__name__)
+
+
+async def _send_realtime(stream, audio: np.ndarray, sent_at: np.ndarray) -> None:
+    start = time.monotonic()
+    for index in range(sent_at.size):
+        await asyncio.sleep(max(0.0, start + index * FRAME / SAMPLE_RATE - time.monotonic()))
+        await stream.send_audio(audio[index * FRAME : (index + 1) * FRAME])
+        sent_at[index] = time.monotonic()
+    await stream.finish()
+
+
+def metrics_url(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "/metrics", "", ""))
+
+
+def inference_seconds(url: str) -> float | None:
+    """The server's asrlive_inference_seconds_total, or None if /metrics cannot be read."""
+    try:
+        with urllib.request.urlopen(metrics_url(url), timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("asrlive_inference_seconds_total "):
+            return float(line.split()[1])
+    return None

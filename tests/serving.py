@@ -1,0 +1,99 @@
+"""Helpers for tests against a real server on loopback (port 0), every await under a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from asrlive.clients import connect
+from asrlive.engine import SAMPLE_RATE, DecodingOptions, transcribe
+from asrlive.web import AsrServer, ServerOptions
+
+TIMEOUT = 60.0
+CHUNK = SAMPLE_RATE // 10
+GAP = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
+
+
+@asynccontextmanager
+async def running_server(model, make_transcriber=None, **options):
+    server = AsrServer(model, ServerOptions(port=0, **options), make_transcriber)
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.shutdown(), TIMEOUT)
+
+
+@dataclass
+class Result:
+    events: list[dict] = field(default_factory=list)
+    close_code: int | None = None
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+    @property
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+
+async def stream_audio(url: str, audio: np.ndarray, pace: float = 0.0, finish: bool = True, **start) -> Result:
+    """Stream ``audio`` in 100 ms frames (``pace`` seconds between frames), then finish; all events."""
+    result = Result()
+    async with connect(url, timeout=TIMEOUT, **start) as stream:
+        result.events.append(stream.ready)
+
+        async def send() -> None:
+            for begin in range(0, audio.size, CHUNK):
+                await stream.send_audio(audio[begin : begin + CHUNK])
+                await asyncio.sleep(pace)
+            if finish:
+                await stream.finish()
+
+        sender = asyncio.create_task(send())
+        await asyncio.wait_for(_collect(stream, result), TIMEOUT)
+        await asyncio.wait_for(sender, TIMEOUT)
+        result.close_code = stream.close_code
+    return result
+
+
+async def _collect(stream, result: Result) -> None:
+    async for event in stream:
+        result.events.append(event)
+
+
+def offline_token_ids(model, audio: np.ndarray, final: dict, options: DecodingOptions) -> list[int]:
+    """What offline transcription gives for the final's utterance."""
+    piece = audio[round(final["start"] * SAMPLE_RATE) : round(final["end"] * SAMPLE_RATE)]
+    return list(transcribe(model, piece, options).token_ids)
+
+
+async def raw_session(url: str, messages: list, **kwargs) -> Result:
+    """Send raw messages (str or bytes) on a bare WebSocket; collect everything until the close."""
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import ConnectionClosed
+
+    result = Result()
+    async with ws_connect(url, open_timeout=TIMEOUT, max_size=None, **kwargs) as ws:
+        try:
+            for message in messages:
+                await ws.send(message)
+            while True:
+                result.events.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+        except ConnectionClosed:
+            pass
+        await asyncio.wait_for(ws.wait_closed(), TIMEOUT)
+        result.close_code = ws.close_code
+    return result
+
+
+def start_message(**fields) -> str:
+    return json.dumps({"type": "start", **fields})
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 32767 / 32768) * 32768).round().astype("<i2").tobytes()
