@@ -100,7 +100,10 @@ async def connect(
     if partial_interval_ms is not None:
         start["partial_interval_ms"] = partial_interval_ms
     async with ws_connect(url, additional_headers=headers, open_timeout=timeout, max_size=None) as ws:
-        await ws.send(json.dumps(start))
+        try:
+            await ws.send(json.dumps(start))
+        except ConnectionClosed:
+            pass  # refused at once; the reason is the first message, read below
         try:
             first = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         except ConnectionClosed:

@@ -44,7 +44,8 @@ def _clips(speech) -> list[np.ndarray]:
 
 
 def _each_alone(model: AsrModel, clips) -> list[tuple[int, ...]]:
-    return [StreamTranscriber(model, o).transcribe(0, clip, True).token_ids for o, clip in zip(PROMPTS, clips)]
+    pairs = zip(PROMPTS, clips, strict=True)
+    return [StreamTranscriber(model, options).transcribe(0, clip, True).token_ids for options, clip in pairs]
 
 
 @pytest.mark.slow

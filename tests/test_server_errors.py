@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from asrlive.engine import SAMPLE_RATE, DecodingOptions
+from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber
 
 from .serving import TIMEOUT, offline_token_ids, pcm16, raw_session, running_server, start_message, stream_audio
 
@@ -120,3 +120,26 @@ async def test_bad_clients_do_not_disturb_a_running_session(load_model, speech):
     assert len(finals) == 2
     for final in finals:
         assert final["token_ids"] == offline_token_ids(model, clip, final, DecodingOptions(language="English"))
+
+
+class FailingTranscriber(StreamTranscriber):
+    """An engine that breaks on a stream whose context says so."""
+
+    def transcribe_steps(self, segment, audio, final):
+        if self.options.context == "break":
+            raise RuntimeError("simulated engine failure")
+        return (yield from super().transcribe_steps(segment, audio, final))
+
+
+async def test_an_engine_failure_ends_only_its_own_session(load_model, speech):
+    model = load_model("hf")
+    clip = speech["librivox-0880"]
+    async with running_server(model, FailingTranscriber) as server:
+        broken, healthy = await asyncio.gather(
+            stream_audio(server.url, clip, pace=0.01, context="break"), stream_audio(server.url, clip, pace=0.01)
+        )
+    assert broken.of_type("error")[0]["code"] == "internal_error" and broken.close_code == 1011
+    assert broken.events[-1]["type"] == "done" and broken.events[-1]["reason"] == "internal_error"
+    assert healthy.close_code == 1000 and not healthy.of_type("error")
+    for final in healthy.of_type("final"):
+        assert final["token_ids"] == offline_token_ids(model, clip, final, DecodingOptions())

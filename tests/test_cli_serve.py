@@ -1,0 +1,120 @@
+"""`asrlive serve` and `asrlive loadtest` as a user runs them: console scripts, a signal, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sys
+
+import pytest
+
+from asrlive.clients import connect
+
+from .checkpoints import FIXTURES
+from .serving import CHUNK, TIMEOUT
+
+pytestmark = pytest.mark.asyncio
+
+CLIP = FIXTURES / "speech" / "goforward.wav"
+
+
+def _asrlive() -> list[str]:
+    script = shutil.which("asrlive")
+    return [script] if script else [sys.executable, "-m", "asrlive"]
+
+
+class ServerProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode().rstrip()
+            self.log.append(line)
+            if "asrlive: listening on " in line and not self.url.done():
+                self.url.set_result(line.rsplit(" ", 1)[1])
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.process.wait(), TIMEOUT)
+        await asyncio.wait_for(self._reader, TIMEOUT)
+        return code
+
+
+async def start_server(model_dir, *options: str) -> ServerProcess:
+    command = [*_asrlive(), "serve", "--model", str(model_dir), "--dtype", "float32", "--port", "0", *options]
+    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    server = ServerProcess(process)
+    try:
+        await asyncio.wait_for(asyncio.shield(server.url), TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        raise AssertionError("the server did not start:\n" + "\n".join(server.log)) from None
+    return server
+
+
+async def test_sigterm_finishes_open_utterances(checkpoints, speech):
+    server = await start_server(checkpoints["original"])
+    audio = speech["librivox-0870"]
+    events = []
+    async with connect(server.url.result(), timeout=TIMEOUT) as stream:
+        for begin in range(0, 5 * 16_000, CHUNK):  # mid-sentence: no finish, no pause
+            await stream.send_audio(audio[begin : begin + CHUNK])
+        incoming = aiter(stream)
+        while not events or events[-1]["type"] != "speech_started":
+            events.append(await asyncio.wait_for(anext(incoming), TIMEOUT))
+        await asyncio.sleep(0.3)  # let the frames in flight arrive
+        server.process.send_signal(signal.SIGTERM)
+        events += [event async for event in incoming]
+        close_code = stream.close_code
+    assert await server.stop() == 0
+    stopped = [e for e in events if e["type"] == "speech_stopped"]
+    assert [e["type"] for e in events][-2:] == ["final", "done"] and stopped[-1]["reason"] == "finish"
+    assert events[-1]["reason"] == "shutdown" and close_code == 1001
+    assert events[-2]["end"] == stopped[-1]["end"] == pytest.approx(5.0, abs=0.05)
+    assert any("shutting down: finishing 1 open sessions" in line for line in server.log)
+
+
+async def test_loadtest_against_a_served_model(checkpoints):
+    server = await start_server(checkpoints["hf"], "--max-sessions", "2")
+    loadtest = await asyncio.create_subprocess_exec(
+        *_asrlive(),
+        "loadtest",
+        server.url.result(),
+        "--sessions",
+        "3",
+        "--audio",
+        str(CLIP),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(loadtest.communicate(), TIMEOUT)
+    assert await server.stop() == 0
+    report = out.decode().splitlines()
+    # Three clients for two sessions: one is refused, and the report says so (exit 1).
+    assert loadtest.returncode == 1, err.decode()
+    assert report[0].startswith("sessions: 3,")
+    assert report[2].startswith("final latency (end of speech -> final): p50 ") and "(2 finals)" in report[2]
+    assert report[3].startswith("real-time factor (engine busy / wall time): 0.")
+    assert report[4] == "errors: 1 (server_full)"
+
+
+async def test_serve_reports_a_missing_model_and_a_busy_port(checkpoints, tmp_path):
+    async def run(*options: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(*_asrlive(), "serve", *options, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        return process.returncode, err.decode()
+
+    code, err = await run("--model", str(tmp_path / "nothing"))
+    assert code == 2 and "cannot load the model" in err
+    server = await start_server(checkpoints["hf"])
+    port = server.url.result().split(":")[2].split("/")[0]
+    code, err = await run("--model", str(checkpoints["hf"]), "--port", port)
+    assert await server.stop() == 0
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
