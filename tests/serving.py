@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 
 from asrlive.clients import connect
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, transcribe
@@ -26,6 +27,16 @@ async def running_server(model, make_transcriber=None, **options):
         yield server
     finally:
         await asyncio.wait_for(server.shutdown(), TIMEOUT)
+
+
+async def eventually(condition, timeout: float = TIMEOUT) -> None:
+    """Wait until ``condition()`` holds, checking every 10 ms, for at most ``timeout`` seconds."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 @dataclass
@@ -48,11 +59,14 @@ async def stream_audio(url: str, audio: np.ndarray, pace: float = 0.0, finish: b
         result.events.append(stream.ready)
 
         async def send() -> None:
-            for begin in range(0, audio.size, CHUNK):
-                await stream.send_audio(audio[begin : begin + CHUNK])
-                await asyncio.sleep(pace)
-            if finish:
-                await stream.finish()
+            try:
+                for begin in range(0, audio.size, CHUNK):
+                    await stream.send_audio(audio[begin : begin + CHUNK])
+                    await asyncio.sleep(pace)
+                if finish:
+                    await stream.finish()
+            except ConnectionClosed:
+                pass  # the server ended the session; its events say why
 
         sender = asyncio.create_task(send())
         await asyncio.wait_for(_collect(stream, result), TIMEOUT)

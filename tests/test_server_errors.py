@@ -11,7 +11,16 @@ from websockets.asyncio.client import connect as ws_connect
 
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber
 
-from .serving import TIMEOUT, offline_token_ids, pcm16, raw_session, running_server, start_message, stream_audio
+from .serving import (
+    TIMEOUT,
+    eventually,
+    offline_token_ids,
+    pcm16,
+    raw_session,
+    running_server,
+    start_message,
+    stream_audio,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -113,8 +122,7 @@ async def test_bad_clients_do_not_disturb_a_running_session(load_model, speech):
             await asyncio.wait_for(ws.recv(), TIMEOUT)  # ready
             ws.transport.abort()
         result = await asyncio.wait_for(bystander, TIMEOUT)
-        while server.scheduler.streams:  # the vanished client's state is dropped
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not server.scheduler.streams)  # the vanished client's state is dropped
     assert result.close_code == 1000 and not result.of_type("error")
     finals = result.of_type("final")
     assert len(finals) == 2

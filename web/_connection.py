@@ -143,19 +143,19 @@ class Connection:
         self._discarding = asyncio.create_task(discard())
 
     async def _finish(self, ending: str | ProtocolError) -> tuple[int, str]:
-        if self._failed:  # the engine failed this stream, whatever else was going on
-            ending = "internal_error"
-        reason = ending.code if isinstance(ending, ProtocolError) else ending
         if self._stream is None:  # nothing was started
-            return (ending.close_code if isinstance(ending, ProtocolError) else CloseCode.GOING_AWAY), reason
+            if isinstance(ending, ProtocolError):
+                return ending.close_code, ending.code
+            return CloseCode.GOING_AWAY, ending
         if not self._failed:
             await self._drain()
-        session = self._stream.session
+        if self._failed:  # the engine failed this stream (perhaps while draining): that is the ending
+            ending = "internal_error"
+        reason = ending.code if isinstance(ending, ProtocolError) else ending
         seconds = self._decoder.seconds if self._decoder else 0.0
-        self._send({"type": "done", "reason": reason, "audio_seconds": seconds, "segments": session.segments})
-        if isinstance(ending, ProtocolError):
-            return ending.close_code, reason
-        return _CLOSE_CODES[reason], reason
+        segments = self._stream.session.segments
+        self._send({"type": "done", "reason": reason, "audio_seconds": seconds, "segments": segments})
+        return (ending.close_code if isinstance(ending, ProtocolError) else _CLOSE_CODES[reason]), reason
 
     async def _drain(self) -> None:
         """Every utterance heard so far gets its final."""

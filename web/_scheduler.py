@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber, run_batch
-from asrlive.streaming import Event, Job, Session
+from asrlive.streaming import SAMPLE_RATE, Event, Job, Session
 
 from ._metrics import Metrics
 
@@ -115,7 +115,8 @@ class Scheduler:
         elapsed = time.monotonic() - started
         self.metrics.busy(elapsed, len(batch))
         if log.isEnabledFor(logging.DEBUG):
-            jobs = ", ".join(f"{'final' if job.final else 'partial'} {(job.end - job.start) / 16000:.1f}s" for _, job in batch)
+            kinds = [f"{'final' if j.final else 'partial'} {(j.end - j.start) / SAMPLE_RATE:.1f}s" for _, j in batch]
+            jobs = ", ".join(kinds)
             log.debug("batch of %d in %.2f s: %s", len(batch), elapsed, jobs)
         for (stream, job), result in zip(batch, results, strict=True):
             stream.in_flight = False
