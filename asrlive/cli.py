@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from asrlive import __version__
+from asrlive._cli_live import add_live_commands
 from asrlive.clients._local import stream_audio
 from asrlive.engine import (
     DEFAULT_MODEL,
@@ -51,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_transcribe(commands)
     _add_serve(commands)
+    add_live_commands(commands)
     _add_loadtest(commands)
     _add_bench(commands)
     return parser

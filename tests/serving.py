@@ -111,3 +111,57 @@ def start_message(**fields) -> str:
 
 def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 32767 / 32768) * 32768).round().astype("<i2").tobytes()
+
+
+class DroppingProxy:
+    """A TCP relay on a loopback port in front of a server; ``drop()`` cuts every open connection.
+
+    Cutting the TCP connections (no close frame) is what a client sees when the network goes:
+    the proxy keeps listening, so the client's next connection attempt gets through again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> DroppingProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.drop()
+        await asyncio.wait_for(self._server.wait_closed(), TIMEOUT)
+
+    def url(self, path: str = "/v1/stream") -> str:
+        assert self._server is not None
+        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{path}"
+
+    def drop(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {client_writer, server_writer}
+        try:
+            await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
+        finally:
+            self._writers -= {client_writer, server_writer}
+            for writer in (client_writer, server_writer):
+                writer.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.transport.abort()

@@ -1,0 +1,164 @@
+"""``asrlive mic`` and ``asrlive stream``: live captions from a microphone or a file, through a server.
+
+Both run the same client (``asrlive.clients.LiveStream``): it reconnects on a dropped connection
+and resends the audio no final covers yet. Ctrl-C stops the capture and waits for the last final;
+a second Ctrl-C stops at once. The transcript file (if asked for) is rewritten after every final,
+so whatever happens to the process, the finals received so far are on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+
+from asrlive.clients._display import Captions
+from asrlive.clients._live import LiveOptions, LiveStream, StreamFailed
+from asrlive.clients._sources import (
+    NO_INPUT,
+    MicrophoneError,
+    file_chunks,
+    find_input_device,
+    input_devices,
+    microphone,
+)
+from asrlive.clients._transcript import FORMATS
+from asrlive.engine import AudioError, load_audio
+
+DEFAULT_SERVER = "ws://127.0.0.1:8765/v1/stream"
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+Source = Callable[[asyncio.Event], AsyncIterator[np.ndarray]]
+
+
+def add_live_commands(commands) -> None:
+    mic = commands.add_parser(
+        "mic",
+        help="live captions from a microphone, transcribed by a server",
+        description="Capture a microphone, stream it to an asrlive server and show live captions. "
+        "Ctrl-C stops and waits for the last final; twice stops at once.",
+    )
+    mic.add_argument("--device", default=None, metavar="N|NAME", help="input device index or name part")
+    mic.add_argument("--list-devices", action="store_true", help="list the input devices and exit")
+    _add_client_options(mic)
+    mic.set_defaults(run=_run_mic)
+    stream = commands.add_parser(
+        "stream",
+        help="live captions for an audio file, transcribed by a server",
+        description="Stream an audio file to an asrlive server as a live client would; print the finals.",
+    )
+    stream.add_argument("file", metavar="FILE", help="audio file (wav, flac, ogg, mp3; any rate)")
+    stream.add_argument("--realtime", action="store_true", help="send at real-time pace (default: as fast as taken)")
+    _add_client_options(stream)
+    stream.set_defaults(run=_run_stream)
+
+
+def _add_client_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--server", default=DEFAULT_SERVER, metavar="URL", help="(default: %(default)s)")
+    cmd.add_argument("--token", default=os.environ.get("ASRLIVE_TOKEN"), help="(default: $ASRLIVE_TOKEN)")
+    cmd.add_argument("--language", default=None, help="force a language, e.g. English or en (default: detect)")
+    cmd.add_argument("--context", default="", help="text to bias the transcription: names, terms")
+    cmd.add_argument("--no-partials", action="store_true", help="finals only")
+    cmd.add_argument(
+        "--output", type=Path, default=None, metavar="FILE", help=f"write the transcript ({', '.join(FORMATS)})"
+    )
+
+
+def _run_mic(args: argparse.Namespace) -> int:
+    try:
+        if args.list_devices:
+            devices = input_devices()
+            if not devices:
+                raise MicrophoneError(NO_INPUT)
+            for device in devices:
+                print(f"{device.index:>3}  {device.name}  ({device.sample_rate} Hz, {device.channels} ch)")
+            return 0
+        device = find_input_device(args.device)
+    except MicrophoneError as exc:
+        print(f"asrlive mic: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"asrlive mic: {device.name} at {device.sample_rate} Hz -> {args.server}", file=sys.stderr, flush=True)
+    overflows = [0]
+
+    def source(stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
+        return microphone(device, stop, on_overflow=lambda: overflows.__setitem__(0, overflows[0] + 1))
+
+    code = _run_live(args, source, max_attempts=0)
+    if overflows[0]:
+        print(f"asrlive mic: the capture overflowed {overflows[0]} times (audio lost)", file=sys.stderr)
+    return code
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    try:
+        audio = load_audio(args.file)
+    except AudioError as exc:
+        print(f"asrlive stream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run_live(args, lambda stop: file_chunks(audio, args.realtime, stop), max_attempts=5)
+
+
+def _run_live(args: argparse.Namespace, source: Source, max_attempts: int) -> int:
+    if args.output is not None and args.output.suffix.lower() not in FORMATS:
+        print(f"asrlive {args.command}: --output must end in {', '.join(FORMATS)}", file=sys.stderr)
+        return EXIT_USAGE
+    options = LiveOptions(
+        args.server,
+        language=args.language,
+        context=args.context,
+        partials=not args.no_partials,
+        token=args.token,
+        max_attempts=max_attempts,
+    )
+    captions = Captions()
+    try:
+        return asyncio.run(_live(options, source, captions, args.output))
+    except StreamFailed as exc:
+        print(f"asrlive {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        captions.close()
+        if args.output is not None:
+            captions.transcript.write(args.output)
+
+
+async def _live(options: LiveOptions, source: Source, captions: Captions, output: Path | None) -> int:
+    stop = asyncio.Event()
+    _on_interrupt(stop, asyncio.current_task())
+
+    def on_event(event: dict) -> None:
+        captions.on_event(event)
+        if event["type"] == "final" and output is not None:
+            captions.transcript.write(output)
+
+    async def tapped() -> AsyncIterator[np.ndarray]:
+        async for pcm in source(stop):
+            captions.on_audio(pcm)
+            yield pcm
+
+    try:
+        await LiveStream(options, on_event).run(tapped())
+    except asyncio.CancelledError:
+        print("asrlive: stopped without waiting for the last final", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _on_interrupt(stop: asyncio.Event, task: asyncio.Task | None) -> None:
+    """First SIGINT/SIGTERM: stop capturing and finish; the second: stop now."""
+
+    def interrupted() -> None:
+        if stop.is_set() and task is not None:
+            task.cancel()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupted)

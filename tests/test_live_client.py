@@ -1,0 +1,181 @@
+"""The live client against a real server: finals, transcript files, and a connection dropped mid-utterance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import numpy as np
+import pytest
+import soundfile
+import srt
+import webvtt
+
+from asrlive.clients import LiveOptions, LiveStream, StreamFailed, Transcript, connect
+from asrlive.clients._live import AudioBuffer
+from asrlive.clients._sources import file_chunks
+from asrlive.clients._transcript import timestamp
+from asrlive.engine import SAMPLE_RATE, DecodingOptions
+
+from .serving import GAP, TIMEOUT, DroppingProxy, eventually, offline_token_ids, running_server, stream_audio
+from .test_cli_serve import _asrlive
+
+
+@pytest.fixture(scope="module")
+def dialogue(speech) -> np.ndarray:
+    """Three utterances with pauses: long enough to cut a connection in the middle of one."""
+    parts = [speech["librivox-0870"], GAP, speech["librivox-0920"], GAP, speech["goforward"], GAP]
+    return np.concatenate(parts)
+
+
+async def _paced(audio: np.ndarray, pace_s: float, on_chunk=None):
+    """100 ms chunks, ``pace_s`` apart: ten times real time at 0.01."""
+    async for chunk in file_chunks(audio, realtime=False):
+        if on_chunk is not None:
+            on_chunk()
+        await asyncio.sleep(pace_s)
+        yield chunk
+
+
+def _assert_exact_and_disjoint(finals: list[dict], model, audio: np.ndarray, options: DecodingOptions) -> None:
+    for final in finals:
+        assert final["token_ids"] == offline_token_ids(model, audio, final, options)
+    for before, after in zip(finals, finals[1:], strict=False):
+        assert before["end"] <= after["start"]  # no audio transcribed twice
+
+
+@pytest.mark.asyncio
+async def test_uninterrupted_stream_gives_the_offline_finals(load_model, dialogue, tmp_path):
+    model = load_model("hf")
+    events: list[dict] = []
+    async with running_server(model) as server:
+        live = LiveStream(LiveOptions(server.url, language="English"), events.append)
+        await asyncio.wait_for(live.run(_paced(dialogue, 0.0)), TIMEOUT)
+    finals = [e for e in events if e["type"] == "final"]
+    assert live.sessions == 1 and len(finals) == 3 and events[-1]["type"] == "done"
+    assert [e["state"] for e in events if e["type"] == "status"] == ["connecting", "listening"]
+    _assert_exact_and_disjoint(finals, model, dialogue, DecodingOptions(language="English"))
+
+    transcript = Transcript()
+    for final in finals:
+        transcript.add(final)
+    _assert_files_parse(transcript, finals, tmp_path)
+
+
+def _assert_files_parse(transcript: Transcript, finals: list[dict], tmp_path) -> None:
+    spoken = [f for f in finals if f["text"].strip()]
+    for suffix in (".txt", ".srt", ".vtt", ".jsonl"):
+        transcript.write(tmp_path / f"out{suffix}")
+    assert (tmp_path / "out.txt").read_text().splitlines() == [f["text"].strip() for f in spoken]
+    cues = list(srt.parse((tmp_path / "out.srt").read_text()))
+    assert [c.content for c in cues] == [f["text"].strip() for f in spoken]
+    assert [round(c.start.total_seconds(), 3) for c in cues] == [round(f["start"], 3) for f in spoken]
+    captions = webvtt.read(str(tmp_path / "out.vtt"))
+    assert [c.text for c in captions] == [f["text"].strip() for f in spoken]
+    assert [c.start for c in captions] == [timestamp(f["start"], ".") for f in spoken]
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] for r in records] == [f["token_ids"] for f in finals]
+
+
+@pytest.mark.asyncio
+async def test_a_dropped_connection_loses_no_final_and_resends_no_final_audio(load_model, dialogue):
+    """The connection is cut while the second utterance is being spoken. The client reconnects and
+    resends exactly the audio after the last final it received: the new session's audio is the
+    rest of the capture from there (checked by the server's count), every final is the offline
+    transcription of its span of the capture, and the spans never overlap."""
+    model = load_model("hf")
+    events: list[dict] = []
+    async with running_server(model) as server, DroppingProxy(server.port) as proxy:
+
+        def on_event(event: dict) -> None:
+            events.append(event)
+            heard = {(e["type"], e.get("segment")) for e in events}
+            second_begun = {("final", 0), ("speech_started", 1)} <= heard and ("final", 1) not in heard
+            if second_begun and proxy.connections == 1:
+                proxy.drop()  # mid-utterance: its speech has started, its final has not come
+
+        live = LiveStream(LiveOptions(proxy.url(), retry_delays_s=(0.05,)), on_event)
+        await asyncio.wait_for(live.run(_paced(dialogue, 0.01)), TIMEOUT)
+    assert live.sessions == 2
+    states = [e["state"] for e in events if e["type"] == "status"]
+    assert states == ["connecting", "listening", "reconnecting", "connecting", "listening"]
+    cut = states.index("reconnecting")
+    statuses = [i for i, e in enumerate(events) if e["type"] == "status"]
+    finals_before = [e for e in events[: statuses[cut]] if e["type"] == "final"]
+    assert len(finals_before) == 1  # the first utterance's; the second was cut short
+    assert live.session_starts == [0, round(finals_before[0]["end"] * SAMPLE_RATE)]
+    done = events[-1]
+    assert done["type"] == "done" and done["reason"] == "finish"
+    assert done["audio_seconds"] == (dialogue.size - live.session_starts[1]) / SAMPLE_RATE
+    finals = [e for e in events if e["type"] == "final"]
+    assert len(finals) == 3
+    _assert_exact_and_disjoint(finals, model, dialogue, DecodingOptions())
+
+
+@pytest.mark.asyncio
+async def test_a_full_server_is_waited_out_and_a_bad_token_is_final(load_model, speech):
+    model = load_model("hf")
+    clip = speech["goforward"]
+    events: list[dict] = []
+    async with running_server(model, max_sessions=1, token="secret") as server:
+        with pytest.raises(StreamFailed, match="unauthorized"):
+            await LiveStream(LiveOptions(server.url, token="wrong"), events.append).run(_paced(clip, 0.0))
+        waiting = LiveStream(LiveOptions(server.url, token="secret", retry_delays_s=(0.05,)), events.append)
+        async with connect(server.url, token="secret", timeout=TIMEOUT) as holder:  # the only session
+            task = asyncio.create_task(waiting.run(_paced(clip, 0.0)))
+            await eventually(lambda: any(e.get("state") == "retrying" for e in events))
+            await holder.close()
+        await asyncio.wait_for(task, TIMEOUT)
+    retrying = [e for e in events if e.get("state") == "retrying"]
+    assert "server_full" in retrying[0]["reason"]
+    assert events[-1]["type"] == "done" and events[-1]["reason"] == "finish"
+
+
+def test_audio_buffer_keeps_what_no_final_covers():
+    buffer = AudioBuffer(max_samples=1000)
+    buffer.append(np.arange(300, dtype=np.float32))
+    buffer.append(np.arange(300, 600, dtype=np.float32))
+    buffer.release(250)
+    assert buffer.base == 250 and buffer.read(400).tolist() == list(range(400, 600))
+    buffer.append(np.arange(600, 1400, dtype=np.float32))  # 1150 kept would exceed 1000
+    assert buffer.lost == 150 and buffer.base == 400 and buffer.read(0)[:2].tolist() == [400, 401]
+
+
+def test_timestamps_in_both_caption_formats():
+    assert timestamp(3661.5, ",") == "01:01:01,500"
+    assert timestamp(59.9996, ".") == "00:01:00.000"
+
+
+@pytest.mark.asyncio
+async def test_stream_command_prints_and_writes_the_servers_finals(load_model, dialogue, tmp_path):
+    wav, output = tmp_path / "dialogue.wav", tmp_path / "dialogue.vtt"
+    soundfile.write(wav, dialogue, SAMPLE_RATE, subtype="FLOAT")
+    async with running_server(load_model("hf")) as server:
+        expected = await stream_audio(server.url, dialogue, language="English")
+        command = [*_asrlive(), "stream", str(wav), "--server", server.url, "--language", "English"]
+        out, err, code = await _run(*command, "--output", str(output))
+    spoken = [f["text"].strip() for f in expected.of_type("final") if f["text"].strip()]
+    assert code == 0, err
+    assert out.splitlines() == spoken
+    assert [caption.text for caption in webvtt.read(str(output))] == spoken
+
+
+@pytest.mark.asyncio
+async def test_stream_command_gives_up_on_an_unreachable_server(speech, tmp_path):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}/v1/stream"
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, speech["goforward"], SAMPLE_RATE)
+    out, err, code = await _run(*_asrlive(), "stream", str(wav), "--server", url)
+    assert code == 1 and out == ""
+    assert "gave up after 5 attempts: cannot reach" in err
+
+
+async def _run(*command: str) -> tuple[str, str, int]:
+    pipes = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE}
+    process = await asyncio.create_subprocess_exec(*command, **pipes)
+    out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode is not None
+    return out.decode(), err.decode(), process.returncode

@@ -1,0 +1,100 @@
+"""`asrlive mic` as a user runs it, with a real (virtual) microphone: PortAudio capturing speech.
+
+The microphone is a PulseAudio null sink (tests/audio_device.py); the speech is played into it
+in real time while the command streams what it captures to a server on a loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import srt
+
+from asrlive import cli
+
+from .audio_device import missing_tools, play_command, virtual_microphone
+from .serving import GAP, TIMEOUT, eventually, running_server
+from .test_cli_serve import _asrlive
+
+needs_pulseaudio = pytest.mark.skipif(
+    bool(missing_tools()), reason=f"no virtual microphone: missing {', '.join(missing_tools())} (see .ci/run)"
+)
+
+
+@pytest.fixture
+def microphone_env(tmp_path):
+    with virtual_microphone(tmp_path / "pulse") as env:
+        yield env
+
+
+class Mic:
+    """The command in a subprocess; its stdout lines (the finals) as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            self.lines.append(raw.decode().rstrip("\n"))
+
+    async def stop(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(self.process.wait(), TIMEOUT)
+        await asyncio.wait_for(self._reader, TIMEOUT)
+        assert self.process.stderr is not None
+        return code, (await self.process.stderr.read()).decode()
+
+
+@needs_pulseaudio
+@pytest.mark.asyncio
+async def test_mic_captions_speech_and_ctrl_c_flushes_the_last_final(load_model, speech, microphone_env, tmp_path):
+    first, second = speech["goforward"], speech["librivox-0920"]
+    wav = tmp_path / "speech.wav"
+    soundfile.write(wav, np.concatenate([first, GAP, second]), 16_000, subtype="PCM_16")
+    output = tmp_path / "captions.srt"
+    async with running_server(load_model("hf")) as server:
+        command = [*_asrlive(), "mic", "--server", server.url, "--device", "pulse", "--output", str(output)]
+        pipes = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE}
+        mic = Mic(await asyncio.create_subprocess_exec(*command, env=microphone_env, **pipes))
+        await eventually(lambda: server.scheduler.streams)  # connected and capturing
+        player = await asyncio.create_subprocess_exec(*play_command(wav), env=microphone_env)
+        await eventually(lambda: mic.lines)  # the first utterance's final
+        await asyncio.sleep(2.0)  # into the second utterance, which is 6 s long
+        code, errors = await mic.stop()
+        await asyncio.wait_for(player.wait(), TIMEOUT)
+    assert code == 0, errors
+    cues = list(srt.parse(output.read_text()))
+    assert [cue.content for cue in cues] == mic.lines and len(cues) == 2
+    spoken = [(cue.end - cue.start).total_seconds() for cue in cues]
+    assert abs(spoken[0] - first.size / 16_000) < 1.0  # the whole first utterance was heard
+    assert spoken[1] < second.size / 16_000 - 2.0  # the second was cut by Ctrl-C, yet has its final
+    assert 0.8 < (cues[1].start - cues[0].end).total_seconds() < 2.5  # the pause between them
+
+
+@needs_pulseaudio
+@pytest.mark.asyncio
+async def test_mic_lists_the_virtual_device(microphone_env):
+    command = [*_asrlive(), "mic", "--list-devices"]
+    process = await asyncio.create_subprocess_exec(*command, env=microphone_env, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode == 0 and "pulse" in out.decode()
+
+
+def test_mic_without_portaudio_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # as if the module could not load
+    assert cli.main(["mic"]) == 2
+    assert "PortAudio" in capsys.readouterr().err
+
+
+def test_mic_with_an_unknown_device_names_the_devices(capsys):
+    assert cli.main(["mic", "--device", "no-such-microphone-anywhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asrlive mic: ") and ("no input device matches" in err or "no audio input device" in err)
