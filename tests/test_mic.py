@@ -18,7 +18,7 @@ import srt
 from asrlive import cli
 
 from .audio_device import missing_tools, play_command, virtual_microphone
-from .serving import GAP, TIMEOUT, eventually, running_server
+from .serving import GAP, TIMEOUT, DroppingProxy, eventually, running_server
 from .test_cli_serve import _asrlive
 
 needs_pulseaudio = pytest.mark.skipif(
@@ -55,26 +55,34 @@ class Mic:
 
 @needs_pulseaudio
 @pytest.mark.asyncio
-async def test_mic_captions_speech_and_ctrl_c_flushes_the_last_final(load_model, speech, microphone_env, tmp_path):
+async def test_mic_captions_speech_through_a_dropped_connection_and_ctrl_c_flushes_the_last_final(
+    load_model, speech, microphone_env, tmp_path
+):
+    """Two utterances are spoken into the microphone. The connection is cut during the first: the
+    command reconnects and resends what it captured, so the first final still spans the whole
+    utterance. Ctrl-C comes during the second: its final still arrives and is written."""
     first, second = speech["goforward"], speech["librivox-0920"]
     wav = tmp_path / "speech.wav"
     soundfile.write(wav, np.concatenate([first, GAP, second]), 16_000, subtype="PCM_16")
     output = tmp_path / "captions.srt"
-    async with running_server(load_model("hf")) as server:
-        command = [*_asrlive(), "mic", "--server", server.url, "--device", "pulse", "--output", str(output)]
+    async with running_server(load_model("hf")) as server, DroppingProxy(server.port) as proxy:
+        command = [*_asrlive(), "mic", "--server", proxy.url(), "--device", "pulse", "--output", str(output)]
         pipes = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE}
         mic = Mic(await asyncio.create_subprocess_exec(*command, env=microphone_env, **pipes))
         await eventually(lambda: server.scheduler.streams)  # connected and capturing
         player = await asyncio.create_subprocess_exec(*play_command(wav), env=microphone_env)
+        await asyncio.sleep(1.5)  # the first utterance (2.8 s) is being spoken
+        proxy.drop()
         await eventually(lambda: mic.lines)  # the first utterance's final
         await asyncio.sleep(2.0)  # into the second utterance, which is 6 s long
         code, errors = await mic.stop()
         await asyncio.wait_for(player.wait(), TIMEOUT)
     assert code == 0, errors
+    assert proxy.connections == 2 and "reconnecting, audio is kept" in errors
     cues = list(srt.parse(output.read_text()))
     assert [cue.content for cue in cues] == mic.lines and len(cues) == 2
     spoken = [(cue.end - cue.start).total_seconds() for cue in cues]
-    assert abs(spoken[0] - first.size / 16_000) < 1.0  # the whole first utterance was heard
+    assert abs(spoken[0] - first.size / 16_000) < 1.0  # the whole first utterance was heard, once
     assert spoken[1] < second.size / 16_000 - 2.0  # the second was cut by Ctrl-C, yet has its final
     assert 0.8 < (cues[1].start - cues[0].end).total_seconds() < 2.5  # the pause between them
 
