@@ -123,6 +123,9 @@ def _run_live(args: argparse.Namespace, source: Source, max_attempts: int) -> in
     except StreamFailed as exc:
         print(f"asrlive {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except MicrophoneError as exc:
+        print(f"asrlive {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         captions.close()
         if args.output is not None:

@@ -79,6 +79,8 @@ class Captions:
         if state == "retrying":
             self.state = f"retrying in {event['delay']:g} s"
             self._note(event["reason"])
+        elif state == "audio_lost":
+            self._note(f"{event['seconds']:.1f} s of audio were lost: the server was unreachable too long")
         elif state == "reconnecting":
             self.state = "reconnecting"
             self._note(f"session ended ({event['reason']}); reconnecting, audio is kept")

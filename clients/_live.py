@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +29,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from asrlive.engine import SAMPLE_RATE
 
 from ._client import Event, SessionRefused, Stream, connect
-
-log = logging.getLogger("asrlive.client")
 
 FRAME = SAMPLE_RATE // 10  # 100 ms per message
 RETRYABLE = {"server_full", "server_busy", "closed"}  # refusals worth waiting out
@@ -56,23 +54,28 @@ class LiveOptions:
 
 
 class AudioBuffer:
-    """16 kHz float32 samples by their position in the capture; the oldest dropped once final."""
+    """16 kHz float32 samples by their position in the capture; the oldest dropped once final.
+
+    Chunks are kept as captured, with their positions, so reading the newest audio or releasing
+    the oldest costs what is read or released, however long the backlog has grown.
+    """
 
     def __init__(self, max_samples: int) -> None:
         self.max_samples = max_samples
         self.base = 0  # capture position of the first kept sample
         self.end = 0  # capture position after the last captured sample
+        self.sent = 0  # capture position up to which the current session has sent
         self.lost = 0  # samples dropped unsent because the backlog overflowed
-        self._chunks: list[np.ndarray] = []
-        self._changed = asyncio.Event()
         self.closed = False  # the source has ended
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (position, samples)
+        self._changed = asyncio.Event()
 
     def append(self, pcm: np.ndarray) -> None:
-        self._chunks.append(np.asarray(pcm, dtype=np.float32))
+        self._chunks.append((self.end, np.asarray(pcm, dtype=np.float32)))
         self.end += pcm.size
-        if self.end - self.base > self.max_samples:
-            overflow = self.end - self.base - self.max_samples
-            self.lost += overflow
+        overflow = self.end - self.base - self.max_samples
+        if overflow > 0:
+            self.lost += max(0, self.base + overflow - max(self.sent, self.base))
             self.release(self.base + overflow)
         self._changed.set()
 
@@ -83,14 +86,22 @@ class AudioBuffer:
     def release(self, position: int) -> None:
         """Forget everything before ``position`` (a final covers it)."""
         position = min(max(position, self.base), self.end)
-        data = self.read(position)
-        self._chunks = [data] if data.size else []
+        while self._chunks and self._chunks[0][0] + self._chunks[0][1].size <= position:
+            self._chunks.popleft()
+        if self._chunks and self._chunks[0][0] < position:
+            start, samples = self._chunks.popleft()
+            self._chunks.appendleft((position, samples[position - start :]))
         self.base = position
 
     def read(self, position: int) -> np.ndarray:
-        """The kept samples from ``position`` on."""
-        data = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
-        return data[max(position - self.base, 0) :]
+        """The kept samples from ``position`` (or the oldest kept, if later) on."""
+        position = max(position, self.base)
+        tail: list[np.ndarray] = []
+        for start, samples in reversed(self._chunks):
+            tail.append(samples[max(position - start, 0) :])
+            if start <= position:
+                break
+        return np.concatenate(tail[::-1]) if tail else np.zeros(0, np.float32)
 
     async def changed(self) -> None:
         await self._changed.wait()
@@ -106,7 +117,6 @@ class LiveStream:
         self.buffer = AudioBuffer(round(options.max_backlog_s * SAMPLE_RATE))
         self.sessions = 0  # sessions opened
         self.session_starts: list[int] = []  # capture position where each session began
-        self.sent_samples = 0  # audio sent, over all sessions (resent backlog included)
 
     async def run(self, source: AsyncIterator[np.ndarray]) -> None:
         capture = asyncio.create_task(self._capture(source))
@@ -116,7 +126,9 @@ class LiveStream:
         finally:
             capture.cancel()
         if self.buffer.lost:
-            log.warning("%.1f s of audio were lost while disconnected", self.buffer.lost / SAMPLE_RATE)
+            self.on_event({"type": "status", "state": "audio_lost", "seconds": self.buffer.lost / SAMPLE_RATE})
+        if capture.done() and not capture.cancelled() and capture.exception() is not None:
+            raise capture.exception()  # the source failed; what it captured before has its finals
 
     async def _capture(self, source: AsyncIterator[np.ndarray]) -> None:
         try:
@@ -178,14 +190,15 @@ class LiveStream:
 
     async def _send(self, live: Stream, offset: int) -> None:
         """The backlog from ``offset``, then live audio as it arrives; ``finish`` when the source ends."""
-        position = offset
+        self.buffer.sent = position = offset
         try:
             while True:
+                position = max(position, self.buffer.base)
                 pending = self.buffer.read(position)
                 for begin in range(0, pending.size, FRAME):
                     await live.send_audio(pending[begin : begin + FRAME])
+                    self.buffer.sent = position + min(begin + FRAME, pending.size)
                 position += pending.size
-                self.sent_samples += pending.size
                 if self.buffer.closed and position >= self.buffer.end:
                     await live.finish()
                     return

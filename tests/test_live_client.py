@@ -14,7 +14,7 @@ import webvtt
 
 from asrlive.clients import LiveOptions, LiveStream, StreamFailed, Transcript, connect
 from asrlive.clients._live import AudioBuffer
-from asrlive.clients._sources import file_chunks
+from asrlive.clients._sources import MicrophoneError, file_chunks
 from asrlive.clients._transcript import timestamp
 from asrlive.engine import SAMPLE_RATE, DecodingOptions
 
@@ -140,6 +140,10 @@ def test_audio_buffer_keeps_what_no_final_covers():
     assert buffer.base == 250 and buffer.read(400).tolist() == list(range(400, 600))
     buffer.append(np.arange(600, 1400, dtype=np.float32))  # 1150 kept would exceed 1000
     assert buffer.lost == 150 and buffer.base == 400 and buffer.read(0)[:2].tolist() == [400, 401]
+    assert buffer.read(550).tolist() == list(range(550, 1400))  # across chunks
+    buffer.sent = 1400  # a connected session has sent everything: an overflow now loses nothing
+    buffer.append(np.arange(1400, 1500, dtype=np.float32))
+    assert buffer.lost == 150 and buffer.base == 500 and buffer.read(0).tolist() == list(range(500, 1500))
 
 
 def test_timestamps_in_both_caption_formats():
@@ -179,3 +183,20 @@ async def _run(*command: str) -> tuple[str, str, int]:
     out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
     assert process.returncode is not None
     return out.decode(), err.decode(), process.returncode
+
+
+@pytest.mark.asyncio
+async def test_a_failing_source_gets_the_finals_of_what_it_captured_then_its_error(load_model, speech):
+    clip = np.concatenate([speech["goforward"], GAP])
+
+    async def unplugged():
+        async for chunk in _paced(clip, 0.0):
+            yield chunk
+        raise MicrophoneError("the device went away")
+
+    events: list[dict] = []
+    async with running_server(load_model("hf")) as server:
+        with pytest.raises(MicrophoneError, match="went away"):
+            await asyncio.wait_for(LiveStream(LiveOptions(server.url), events.append).run(unplugged()), TIMEOUT)
+    assert [e["type"] for e in events if e["type"] in ("final", "done")] == ["final", "done"]
+    assert events[-1]["reason"] == "finish"
