@@ -9,6 +9,7 @@ only the finals are written, one per line, and the states go to stderr.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -114,9 +115,23 @@ class Captions:
             return
         self._drawn_at = time.monotonic()
         language = f" {self.language}" if self.language else ""
-        head = f"{_DIM}{meter(self._db)} {self.state}{language}{_RESET} "
-        self.out.write(f"{_CLEAR}{head}{self._stable}{_DIM}{self._unstable}{_RESET}")
+        head = f"{meter(self._db)} {self.state}{language} "
+        stable, unstable = _tail(self._stable, self._unstable, self.width() - len(head) - 1)
+        self.out.write(f"{_CLEAR}{_DIM}{head}{_RESET}{stable}{_DIM}{unstable}{_RESET}")
         self.out.flush()
+
+    def width(self) -> int:
+        return shutil.get_terminal_size().columns
+
+
+def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
+    """The end of the partial that fits on the live line: a wrapped line could not be redrawn in place."""
+    if len(stable) + len(unstable) <= room:
+        return stable, unstable
+    start = len(stable) + len(unstable) - max(room - 1, 0)  # keep room - 1 characters after an ellipsis
+    if start < len(stable):
+        return "…" + stable[start:], unstable
+    return "…", unstable[start - len(stable) :]
 
 
 def _clock(seconds: float) -> str:

@@ -29,10 +29,10 @@ def test_a_terminal_gets_the_partial_redrawn_in_place_and_finals_as_lines():
     redraws = screen.split("\r\x1b[2K")
     partial = next(r for r in redraws if "hello " in r and "wor" in r and "world" not in r)
     assert partial.endswith("hello \x1b[2mwor\x1b[0m")  # stable plain, unstable dim
-    assert partial.startswith("\x1b[2m▮▮▮▮▮▯▯▯ listening\x1b[0m ")  # the level: audio is arriving
+    assert partial.startswith("\x1b[2m▮▮▮▮▮▯▯▯ listening \x1b[0m")  # the level: audio is arriving
     assert "\x1b[2m[01:01]\x1b[0m hello world\n" in redraws
     assert any("session ended (connection_lost); reconnecting, audio is kept" in r for r in redraws)
-    assert redraws[-1].startswith("\x1b[2m▮▮▮▮▮▯▯▯ reconnecting English\x1b[0m")  # -20 dBFS: 5 of 8 cells
+    assert redraws[-1].startswith("\x1b[2m▮▮▮▮▮▯▯▯ reconnecting English \x1b[0m")  # -20 dBFS: 5 of 8 cells
     assert [line.text for line in captions.transcript.lines] == [" hello world"]
 
 
@@ -41,6 +41,17 @@ def test_a_pipe_gets_only_the_finals_and_notes_go_to_stderr():
     _events(Captions(out=out, err=err, live=False))
     assert out.getvalue() == "hello world\n"
     assert err.getvalue() == "asrlive: session ended (connection_lost); reconnecting, audio is kept\n"
+
+
+def test_a_long_partial_shows_its_end_on_one_line(monkeypatch):
+    out = io.StringIO()
+    captions = Captions(out=out, err=io.StringIO(), live=True)
+    monkeypatch.setattr(captions, "width", lambda: 40)  # the head takes 19 columns: 20 for the text, 1 spare
+    captions.on_event({"type": "status", "state": "listening", "offset": 0.0})
+    captions.on_event({**PARTIAL, "stable": "one two three four ", "unstable": "five six", "token_ids": [1]})
+    assert out.getvalue().endswith("\x1b[0m…three four \x1b[2mfive six\x1b[0m")
+    captions.on_event({**PARTIAL, "stable": "one ", "unstable": "two three four five six seven", "token_ids": [1]})
+    assert out.getvalue().endswith("\x1b[0m…\x1b[2mfour five six seven\x1b[0m")
 
 
 def test_level_meter():
