@@ -203,14 +203,21 @@ def _add_serve(commands) -> None:
     cmd = commands.add_parser(
         "serve",
         help="run the streaming WebSocket server",
-        description=f"Serve live transcription over WebSocket at ws://HOST:PORT{STREAM_PATH} "
-        "(protocol: docs/protocol.md), with GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes "
-        "every open utterance, then exits.",
+        description=f"Serve live transcription over WebSocket at ws://HOST:PORT{STREAM_PATH} and WebRTC "
+        "(signalled at /v1/rtc; protocol: docs/protocol.md), the live captions page at http://HOST:PORT/, "
+        "GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes every open utterance, then exits.",
     )
     _add_model_options(cmd)
     cmd.add_argument("--host", default=defaults.host, help="interface to listen on (default: %(default)s)")
     cmd.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port (default: %(default)s)")
     cmd.add_argument("--token", default=None, help="require this bearer token (header or ?token=)")
+    cmd.add_argument(
+        "--certfile",
+        default=None,
+        help="TLS certificate (PEM): serve https:// and wss://, which browsers need "
+        "for the microphone anywhere but localhost",
+    )
+    cmd.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
     limits = cmd.add_argument_group("limits")
     limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="(default: %(default)s)")
     limits.add_argument(
@@ -249,6 +256,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             token=args.token,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
             max_sessions=args.max_sessions,
             max_batch=args.max_batch,
             max_frame_bytes=args.max_frame_bytes,
@@ -266,6 +275,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     server = AsrServer(model, options)
 
     def ready(server: AsrServer) -> None:
+        print(f"asrlive: live captions at {server.page_url}", file=sys.stderr, flush=True)
         print(f"asrlive: listening on {server.url}", file=sys.stderr, flush=True)
 
     try:

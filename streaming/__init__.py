@@ -10,7 +10,9 @@ from ._protocol import (
     Finish,
     ProtocolError,
     Start,
+    decode_message,
     parse_message,
+    parse_start,
 )
 from ._session import Job, Session, SessionOptions
 from ._text import stable_prefix
@@ -25,7 +27,9 @@ __all__ = [
     "Finish",
     "ProtocolError",
     "Start",
+    "decode_message",
     "parse_message",
+    "parse_start",
     "SAMPLE_RATE",
     "Event",
     "Final",

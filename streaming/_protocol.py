@@ -32,6 +32,7 @@ class CloseCode(IntEnum):
     BAD_REQUEST = 4400  # the client broke the protocol; the error event says how
     UNAUTHORIZED = 4401
     IDLE_TIMEOUT = 4408
+    PEER_LOST = 4410  # WebRTC only: the peer connection failed or was closed before the session ended
     SESSION_TOO_LONG = 4413
 
 
@@ -54,6 +55,9 @@ ERRORS: dict[str, CloseCode] = {
     "idle_timeout": CloseCode.IDLE_TIMEOUT,
     "session_too_long": CloseCode.SESSION_TOO_LONG,
     "internal_error": CloseCode.INTERNAL_ERROR,
+    # WebRTC (/v1/rtc) only:
+    "bad_sdp": CloseCode.BAD_REQUEST,
+    "rtc_failed": CloseCode.PEER_LOST,
 }
 
 
@@ -105,23 +109,30 @@ def parse_message(text: str, started: bool = False) -> Start | Finish:
 
     ``started``: the session has started, so a start message is refused before it is examined.
     """
-    try:
-        message = json.loads(text)
-    except ValueError as exc:
-        raise ProtocolError("bad_json", f"text messages must be JSON objects: {exc}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ProtocolError("bad_message", 'a text message must be a JSON object with a string "type"')
+    message = decode_message(text)
     kind = message["type"]
     if kind == "finish":
         return Finish()
     if kind == "start":
         if started:
             raise ProtocolError("already_started", 'this session has started; send audio or "finish"')
-        return _parse_start(message)
+        return parse_start(message)
     raise ProtocolError("unknown_type", f'unknown message type {kind!r}; expected "start" or "finish"')
 
 
-def _parse_start(message: dict[str, Any]) -> Start:
+def decode_message(text: str) -> dict[str, Any]:
+    """A text message as a JSON object with a string ``type``, else ``bad_json`` or ``bad_message``."""
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError("bad_json", f"text messages must be JSON objects: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("bad_message", 'a text message must be a JSON object with a string "type"')
+    return message
+
+
+def parse_start(message: dict[str, Any]) -> Start:
+    """A decoded ``start`` message's fields, validated."""
     unknown = sorted(set(message) - _START_FIELDS)
     if unknown:
         raise ProtocolError("bad_start", f"unknown start fields {unknown}; known: {sorted(_START_FIELDS)}")

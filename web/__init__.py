@@ -1,5 +1,5 @@
-"""The asyncio server: WebSocket endpoint, health and metrics (WebRTC ingress and the page: to come)."""
+"""The asyncio server: WebSocket and WebRTC endpoints, the browser page, health and metrics."""
 
-from ._server import STREAM_PATH, AsrServer, ServerOptions, run_server
+from ._server import RTC_PATH, STREAM_PATH, AsrServer, ServerOptions, run_server
 
-__all__ = ["STREAM_PATH", "AsrServer", "ServerOptions", "run_server"]
+__all__ = ["RTC_PATH", "STREAM_PATH", "AsrServer", "ServerOptions", "run_server"]

@@ -1,9 +1,11 @@
-"""One WebSocket connection = one streaming session, from admission to the close code.
+"""One connection = one streaming session, from admission to the close code, whatever the transport.
 
 1. Admission: token, capacity, load. A refusal is an ``error`` event and a close, nothing else.
-2. ``start``: validated into a Session (VAD, partials) and engine options; ``ready`` answers.
-3. Audio frames are decoded (16-bit or float, any rate -> 16 kHz) and fed to the session; its
-   events go out at once, transcription results come back from the scheduler.
+2. ``start``: validated into a Session (VAD, partials) and engine options; the transport opens
+   (WebRTC: the offer is answered); ``ready`` answers.
+3. The transport's audio (16-bit or float frames over the WebSocket, or a WebRTC track, any rate ->
+   16 kHz) is fed to the session; its events go out at once, transcription results come back from
+   the scheduler.
 4. However the session ends (finish, bad input, idle timeout, length limit, server shutdown) the
    audio already received is transcribed to the last final before ``done`` and the close, except
    when the client has gone: then its state is simply dropped.
@@ -27,7 +29,6 @@ from websockets.exceptions import ConnectionClosed
 from asrlive.engine import normalize_language
 from asrlive.streaming import (
     SAMPLE_RATE,
-    AudioDecoder,
     CloseCode,
     Event,
     Final,
@@ -40,6 +41,7 @@ from asrlive.streaming import (
 )
 
 from ._scheduler import Stream
+from ._transport import Incoming, Transport
 
 if TYPE_CHECKING:
     from ._server import AsrServer
@@ -64,22 +66,21 @@ class Interrupted(Exception):
 
 
 class Connection:
-    def __init__(self, server: AsrServer, ws: ServerConnection, number: int) -> None:
+    def __init__(self, server: AsrServer, transport: Transport, number: int) -> None:
         self.server = server
         self.options = server.options
-        self.ws = ws
+        self.transport = transport
+        self.ws = transport.ws  # admission reads the token from its request
         self.id = f"s{number}"
         self.admitted = False  # counted against max_sessions
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self._stream: Stream | None = None
-        self._decoder: AudioDecoder | None = None
         self._received = 0  # 16 kHz samples fed to the session
         self._arrival_positions: list[int] = []
         self._arrival_times: list[float] = []
         self._receiving: asyncio.Future[Any] | None = None
         self._interrupted: str | None = None
         self._failed = False
-        self._discarding: asyncio.Task[None] | None = None
         self.latency = (0.0, 0.0)  # (latency of the last result, when it was sent)
         self._last_lag_event = 0.0
 
@@ -88,19 +89,19 @@ class Connection:
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
         try:
-            code, reason = await self._converse()
+            try:
+                code, reason = await self._converse()
+            finally:
+                if self._stream is not None:
+                    self.server.scheduler.remove(self._stream)
+            await self._outbox.put(None)
+            await asyncio.wait({sender}, timeout=self.options.close_timeout_s)
+            await self.transport.close(code, reason)
         except ConnectionClosed:
             log.info("%s: client went away", self.id)
-            sender.cancel()
-            return
         finally:
-            if self._stream is not None:
-                self.server.scheduler.remove(self._stream)
-        await self._outbox.put(None)
-        await asyncio.wait({sender}, timeout=self.options.close_timeout_s)
-        await self.ws.close(code, reason)
-        if self._discarding is not None:
-            self._discarding.cancel()
+            sender.cancel()
+            await self.transport.release()
 
     def interrupt(self, reason: str) -> None:
         """Stop receiving and wind the session down (``shutdown``, or ``internal_error``)."""
@@ -114,33 +115,21 @@ class Connection:
         if refusal is not None:
             self.server.metrics.refused.labels(refusal.code).inc()
             self._send(refusal.to_json())
-            self._discard_incoming()
+            self.transport.stop_receiving()
             return refusal.close_code, refusal.code
         try:
             start = await self._receive_start()
-            self._open(start)
+            self._open(start, await self.transport.open(start))
             ending: str | ProtocolError = await self._receive_audio()
         except ProtocolError as error:
             ending = error
         except Interrupted as interruption:
             ending = interruption.reason
-        self._discard_incoming()
+        self.transport.stop_receiving()
         if isinstance(ending, ProtocolError):
             self.server.metrics.errors.labels(ending.code).inc()
             self._send(ending.to_json())
         return await self._finish(ending)
-
-    def _discard_incoming(self) -> None:
-        """Read and drop whatever the client still sends: unread frames would stall the closing handshake."""
-
-        async def discard() -> None:
-            try:
-                async for _ in self.ws:
-                    pass
-            except ConnectionClosed:
-                return
-
-        self._discarding = asyncio.create_task(discard())
 
     async def _finish(self, ending: str | ProtocolError) -> tuple[int, str]:
         if self._stream is None:  # nothing was started
@@ -152,15 +141,15 @@ class Connection:
         if self._failed:  # the engine failed this stream (perhaps while draining): that is the ending
             ending = "internal_error"
         reason = ending.code if isinstance(ending, ProtocolError) else ending
-        seconds = self._decoder.seconds if self._decoder else 0.0
+        seconds = self.transport.seconds
         segments = self._stream.session.segments
         self._send({"type": "done", "reason": reason, "audio_seconds": seconds, "segments": segments})
         return (ending.close_code if isinstance(ending, ProtocolError) else _CLOSE_CODES[reason]), reason
 
     async def _drain(self) -> None:
         """Every utterance heard so far gets its final."""
-        assert self._stream is not None and self._decoder is not None
-        self._feed(self._decoder.flush())
+        assert self._stream is not None
+        self._feed(self.transport.flush())
         self._send_events(self._stream.session.finish())
         self.server.scheduler.wake()
         try:
@@ -170,10 +159,10 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------------------------
 
-    async def _receive(self) -> str | bytes:
+    async def _receive(self) -> Incoming:
         if self._interrupted is not None:
             raise Interrupted(self._interrupted)
-        self._receiving = asyncio.ensure_future(asyncio.wait_for(self.ws.recv(), self.options.idle_timeout_s))
+        self._receiving = asyncio.ensure_future(asyncio.wait_for(self.transport.receive(), self.options.idle_timeout_s))
         try:
             return await self._receiving
         except asyncio.CancelledError:
@@ -189,12 +178,9 @@ class Connection:
 
     async def _receive_start(self) -> Start:
         message = await self._receive()
-        if isinstance(message, bytes):
+        if not isinstance(message, str):  # a transport that cannot receive audio before start never gets here
             raise ProtocolError("not_started", 'send a "start" message before any audio')
-        request = parse_message(message)
-        if not isinstance(request, Start):
-            raise ProtocolError("not_started", 'the first message must be "start"')
-        return request
+        return self.transport.parse_start(message)
 
     async def _receive_audio(self) -> str:
         while True:
@@ -202,13 +188,7 @@ class Connection:
             if isinstance(message, str):
                 parse_message(message, started=True)  # anything but a valid finish raises
                 return "finish"
-            if len(message) > self.options.max_frame_bytes:
-                raise ProtocolError(
-                    "frame_too_large",
-                    f"a {len(message)}-byte frame exceeds the limit of {self.options.max_frame_bytes} bytes",
-                )
-            assert self._decoder is not None
-            pcm = self._decoder.decode(message)
+            pcm = message
             allowed = round(self.options.max_session_s * SAMPLE_RATE) - self._received
             self._feed(pcm[: max(allowed, 0)])
             if pcm.size > allowed:
@@ -218,7 +198,7 @@ class Connection:
 
     # -- the session -----------------------------------------------------------------------------
 
-    def _open(self, start: Start) -> None:
+    def _open(self, start: Start, transport_fields: dict[str, Any]) -> None:
         try:
             language = normalize_language(start.language) if start.language else None
         except ValueError as exc:
@@ -226,7 +206,6 @@ class Connection:
         interval = start.partial_interval_ms or self.options.session.partial_interval_ms
         session = Session(replace(self.options.session, partials=start.partials, partial_interval_ms=interval))
         decoding = replace(self.options.decoding, language=language, context=start.context)
-        self._decoder = AudioDecoder(start)
         self._stream = Stream(session, decoding, self)
         self.server.scheduler.add(self._stream)
         self.server.metrics.sessions_total.inc()
@@ -237,8 +216,7 @@ class Connection:
                 "session": self.id,
                 "model": self.server.model_name,
                 "language": language,
-                "sample_rate": start.sample_rate,
-                "encoding": start.encoding,
+                **transport_fields,  # sample_rate, encoding
                 "partials": start.partials,
                 "partial_interval_ms": interval,
                 "limits": {
@@ -303,7 +281,7 @@ class Connection:
     async def _send_loop(self) -> None:
         while (text := await self._outbox.get()) is not None:
             try:
-                await self.ws.send(text)
+                await self.transport.send(text)
             except ConnectionClosed:
                 return
 

@@ -62,6 +62,7 @@ class Metrics:
             registry=registry,
         )
         self.lag = Gauge("asrlive_lag_seconds", "Worst result latency among open sessions", registry=registry)
+        self.peer_connections = Gauge("asrlive_peer_connections", "WebRTC peer connections now open", registry=registry)
         self._busy = Window()
         self._audio = Window()
         self.real_time_factor.set_function(self.recent_real_time_factor)

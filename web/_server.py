@@ -1,4 +1,5 @@
-"""The asyncio server: the WebSocket endpoint, health and metrics, admission, graceful shutdown."""
+"""The asyncio server: the WebSocket and WebRTC endpoints, the page, health and metrics, admission,
+graceful shutdown."""
 
 from __future__ import annotations
 
@@ -6,25 +7,39 @@ import asyncio
 import http
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from urllib.parse import urlsplit
 
+from aiortc import RTCPeerConnection
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from asrlive import __version__
-from asrlive.engine import AsrModel, DecodingOptions
+from asrlive.engine import LANGUAGES, AsrModel, DecodingOptions
 from asrlive.streaming import PROTOCOL_VERSION, ProtocolError, SessionOptions
 
 from ._connection import Connection, authorized
 from ._metrics import WINDOW_S, Metrics
+from ._rtc import RtcTransport
 from ._scheduler import Scheduler, TranscriberFactory
+from ._transport import Transport, WebSocketTransport
 
 log = logging.getLogger("asrlive.server")
 
 STREAM_PATH = "/v1/stream"
+RTC_PATH = "/v1/rtc"
+LANGUAGES_PATH = "/v1/languages"
+PAGE_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",  # modules and the AudioWorklet need a JavaScript type
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,8 @@ class ServerOptions:
     max_lag_s: float = 3.0  # refuse new sessions while an open one's results are this late; 0: never
     lag_warning_s: float = 2.0  # tell a client when its results are this late
     token: str | None = None
+    certfile: str | None = None  # with keyfile: TLS (wss://, https://): browsers need it for a mic off localhost
+    keyfile: str | None = None
     drain_timeout_s: float = 60.0  # how long finals may take at the end of a session
     close_timeout_s: float = 10.0
     session: SessionOptions = field(default_factory=SessionOptions)
@@ -51,6 +68,19 @@ class ServerOptions:
         for name in ("idle_timeout_s", "max_session_s", "drain_timeout_s", "close_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        self.tls_context()  # a missing or bad certificate is reported now, not at the first connection
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.certfile is None or self.keyfile is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS certificate {self.certfile} / key {self.keyfile}: {exc}") from None
+        return context
 
 
 class AsrServer:
@@ -67,12 +97,15 @@ class AsrServer:
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, self.metrics, options.max_batch, make_transcriber)
         self._connections: set[Connection] = set()
+        self.peers: set[RTCPeerConnection] = set()  # WebRTC peer connections now open
+        self._page = load_page()
         self._admitted = 0
         self._counter = 0
         self._server: Server | None = None
         self._stopping = False
         self.metrics.sessions.set_function(lambda: self._admitted)
         self.metrics.lag.set_function(self.worst_lag)
+        self.metrics.peer_connections.set_function(lambda: len(self.peers))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -88,6 +121,7 @@ class AsrServer:
             max_size=4 * self.options.max_frame_bytes,
             compression=None,
             close_timeout=self.options.close_timeout_s,
+            ssl=self.options.tls_context(),
         )
         log.info("listening on %s", self.url)
 
@@ -98,8 +132,16 @@ class AsrServer:
 
     @property
     def url(self) -> str:
+        return f"{self._origin('ws')}{STREAM_PATH}"
+
+    @property
+    def page_url(self) -> str:
+        return f"{self._origin('http')}/"
+
+    def _origin(self, scheme: str) -> str:
         host = self.options.host if ":" not in self.options.host else f"[{self.options.host}]"
-        return f"ws://{host}:{self.port}{STREAM_PATH}"
+        secure = "s" if self.options.certfile else ""
+        return f"{scheme}{secure}://{host}:{self.port}"
 
     async def shutdown(self) -> None:
         """Stop accepting; every open session gets its finals, ``done`` and close code 1001; then stop."""
@@ -130,7 +172,7 @@ class AsrServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self._counter += 1
-        connection = Connection(self, ws, self._counter)
+        connection = Connection(self, self._transport(ws), self._counter)
         self._connections.add(connection)
         try:
             await connection.run()
@@ -140,6 +182,12 @@ class AsrServer:
             self._connections.discard(connection)
             if connection.admitted:
                 self._admitted -= 1
+
+    def _transport(self, ws: ServerConnection) -> Transport:
+        path = urlsplit(ws.request.path).path if ws.request else STREAM_PATH
+        if path == RTC_PATH:
+            return RtcTransport(ws, self.options, self.peers)
+        return WebSocketTransport(ws, self.options)
 
     def admit(self, connection: Connection) -> ProtocolError | None:
         """None to admit the connection's session, else why it is refused."""
@@ -169,8 +217,12 @@ class AsrServer:
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path == STREAM_PATH:
+        if path in (STREAM_PATH, RTC_PATH):
             return None
+        if path in self._page:
+            return file_response(*self._page[path])
+        if path == LANGUAGES_PATH:
+            return _response(ws, http.HTTPStatus.OK, json.dumps({"languages": LANGUAGES}) + "\n", "application/json")
         if path == "/healthz":
             status = http.HTTPStatus.SERVICE_UNAVAILABLE if self._stopping else http.HTTPStatus.OK
             body = {
@@ -184,7 +236,11 @@ class AsrServer:
             return _response(ws, status, json.dumps(body) + "\n", "application/json")
         if path == "/metrics":
             return _response(ws, http.HTTPStatus.OK, self.metrics.exposition().decode(), CONTENT_TYPE_LATEST)
-        return _response(ws, http.HTTPStatus.NOT_FOUND, f"not found; the WebSocket endpoint is {STREAM_PATH}\n")
+        return _response(
+            ws,
+            http.HTTPStatus.NOT_FOUND,
+            f"not found; the WebSocket endpoints are {STREAM_PATH} and {RTC_PATH}, the page is /\n",
+        )
 
 
 def _response(ws: ServerConnection, status: http.HTTPStatus, body: str, content_type: str | None = None) -> Response:
@@ -193,6 +249,32 @@ def _response(ws: ServerConnection, status: http.HTTPStatus, body: str, content_
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = content_type
     return response
+
+
+def load_page() -> dict[str, tuple[bytes, str]]:
+    """URL path -> (body, content type) for every file of the page (``web/static/``, shipped in the
+    package; no build step); ``/`` is the index. Only these exact paths are served."""
+    files: dict[str, tuple[bytes, str]] = {}
+    for entry in resources.files("asrlive.web").joinpath("static").iterdir():
+        suffix = "." + entry.name.rsplit(".", 1)[-1]
+        if entry.is_file() and suffix in PAGE_TYPES:
+            files["/" + entry.name] = (entry.read_bytes(), PAGE_TYPES[suffix])
+    files["/"] = files["/index.html"]
+    return files
+
+
+def file_response(body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            # The files change with the server's version; a cached old script would speak an old protocol.
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(http.HTTPStatus.OK, http.HTTPStatus.OK.phrase, headers, body)
 
 
 async def run_server(server: AsrServer, ready=None) -> None:

@@ -1,0 +1,118 @@
+"""Where a session's messages come from and where its events go: the part of a connection that
+differs between the WebSocket protocol (``/v1/stream``) and WebRTC (``/v1/rtc``, web/_rtc.py).
+
+The lifecycle around it (admission, limits, draining, ``done``, close codes, metrics) is the same
+for every transport and lives in web/_connection.py. A transport turns what the client sends into
+two kinds of items, text control messages and 16 kHz mono float32 audio, and delivers event JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from asrlive.streaming import AudioDecoder, ProtocolError, Start, parse_message
+
+if TYPE_CHECKING:
+    from ._server import ServerOptions
+
+Incoming = str | np.ndarray  # a text control message, or audio at 16 kHz
+
+
+class Transport(ABC):
+    """One client's channels. ``ws`` is the WebSocket the session was opened on (admission reads
+    the token from its request); ``receive`` raises ``ConnectionClosed`` once the client is gone."""
+
+    def __init__(self, ws: ServerConnection, options: ServerOptions) -> None:
+        self.ws = ws
+        self.options = options
+        self._discarding: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    def parse_start(self, text: str) -> Start:
+        """The first text message, validated (ProtocolError if it is not a valid start)."""
+
+    @abstractmethod
+    async def open(self, start: Start) -> dict[str, Any]:
+        """Prepare to receive audio; returns the ``ready`` fields this transport decides
+        (``sample_rate``, ``encoding``)."""
+
+    @abstractmethod
+    async def receive(self) -> Incoming:
+        """The client's next message; ProtocolError for input that breaks the protocol."""
+
+    @abstractmethod
+    def flush(self) -> np.ndarray:
+        """Audio still held back (a resampler's tail) at the end of the stream."""
+
+    @property
+    @abstractmethod
+    def seconds(self) -> float:
+        """Audio received so far, in seconds at the client's rate."""
+
+    async def send(self, text: str) -> None:
+        await self.ws.send(text)
+
+    def stop_receiving(self) -> None:
+        """Read and drop whatever the client still sends: unread frames would stall the closing handshake."""
+
+        async def discard() -> None:
+            try:
+                async for _ in self.ws:
+                    pass
+            except ConnectionClosed:
+                return
+
+        self._discarding = asyncio.create_task(discard())
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+    async def release(self) -> None:
+        """Free everything the transport holds; called once, however the session ended."""
+        if self._discarding is not None:
+            self._discarding.cancel()
+
+
+class WebSocketTransport(Transport):
+    """Protocol v1: JSON text messages and binary PCM frames on one WebSocket (docs/protocol.md)."""
+
+    def __init__(self, ws: ServerConnection, options: ServerOptions) -> None:
+        super().__init__(ws, options)
+        self._decoder: AudioDecoder | None = None
+
+    def parse_start(self, text: str) -> Start:
+        request = parse_message(text)
+        if not isinstance(request, Start):
+            raise ProtocolError("not_started", 'the first message must be "start"')
+        return request
+
+    async def open(self, start: Start) -> dict[str, Any]:
+        self._decoder = AudioDecoder(start)
+        return {"sample_rate": start.sample_rate, "encoding": start.encoding}
+
+    async def receive(self) -> Incoming:
+        message = await self.ws.recv()
+        if isinstance(message, str):
+            return message
+        if self._decoder is None:
+            raise ProtocolError("not_started", 'send a "start" message before any audio')
+        if len(message) > self.options.max_frame_bytes:
+            raise ProtocolError(
+                "frame_too_large",
+                f"a {len(message)}-byte frame exceeds the limit of {self.options.max_frame_bytes} bytes",
+            )
+        return self._decoder.decode(message)
+
+    def flush(self) -> np.ndarray:
+        assert self._decoder is not None
+        return self._decoder.flush()
+
+    @property
+    def seconds(self) -> float:
+        return self._decoder.seconds if self._decoder else 0.0
