@@ -98,7 +98,7 @@ class RtcTransport(Transport):
         answer = await self._answer(pc)
         self._channel = pc.createDataChannel("events", negotiated=True, id=EVENTS_CHANNEL_ID)
         self._channel.on("open", self._opened.set)
-        self._channel.on("close", self._dead.set)
+        self._channel.on("close", lambda: self._lost("the events channel closed"))
         await self.ws.send(json.dumps({"type": "answer", "sdp": answer}))
         self._started = True
         return _codec_fields(answer)
@@ -122,9 +122,13 @@ class RtcTransport(Transport):
     def _on_state(self) -> None:
         assert self._pc is not None
         if self._pc.connectionState in _DEAD_STATES:
+            self._lost(f"the WebRTC connection is {self._pc.connectionState}")
+
+    def _lost(self, why: str) -> None:
+        """The peer is gone: events can only go over the WebSocket, and the session ends (once)."""
+        if not self._dead.is_set():
             self._dead.set()
-            message = f"the WebRTC connection is {self._pc.connectionState}"
-            self._items.put_nowait(ProtocolError("rtc_failed", message))
+            self._items.put_nowait(ProtocolError("rtc_failed", why))
 
     async def _read_track(self, track: MediaStreamTrack) -> None:
         try:
@@ -133,7 +137,7 @@ class RtcTransport(Transport):
                 if not self._stopped.is_set():
                     self._items.put_nowait(self._convert(frame))
         except MediaStreamError:
-            self._items.put_nowait(ProtocolError("rtc_failed", "the audio track ended"))
+            self._lost("the audio track ended")
         except ProtocolError as error:
             self._items.put_nowait(error)
 
@@ -180,7 +184,7 @@ class RtcTransport(Transport):
         return self._samples_in / self._rate if self._rate else 0.0
 
     async def send(self, text: str) -> None:
-        if self._channel is not None:
+        if self._channel is not None and not any(e.is_set() for e in (self._opened, self._dead, self._stopped)):
             await _first(self._opened, self._dead, self._stopped)
         if self._channel is not None and self._channel.readyState == "open":
             self._channel.send(text)
