@@ -59,6 +59,7 @@ class Scheduler:
         self._next = 0  # round-robin start
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.last_progress = time.monotonic()  # when a batch last completed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="asrlive-scheduler")
@@ -112,7 +113,8 @@ class Scheduler:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._infer, batch)
-        elapsed = time.monotonic() - started
+        self.last_progress = time.monotonic()
+        elapsed = self.last_progress - started
         self.metrics.busy(elapsed, len(batch))
         if log.isEnabledFor(logging.DEBUG):
             kinds = [f"{'final' if j.final else 'partial'} {(j.end - j.start) / SAMPLE_RATE:.1f}s" for _, j in batch]

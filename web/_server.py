@@ -56,7 +56,7 @@ class ServerOptions:
     token: str | None = None
     certfile: str | None = None  # with keyfile: TLS (wss://, https://): browsers need it for a mic off localhost
     keyfile: str | None = None
-    drain_timeout_s: float = 60.0  # how long finals may take at the end of a session
+    drain_timeout_s: float = 60.0  # at a session's end, how long the engine may stall before finals are given up
     close_timeout_s: float = 10.0
     session: SessionOptions = field(default_factory=SessionOptions)
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
