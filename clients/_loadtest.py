@@ -121,6 +121,8 @@ async def _client(url, audio, record: ClientRecord, delay: float, token, interva
                     record.finals += 1
                 elif event["type"] == "error":
                     record.errors.append(event["code"])
+                elif event["type"] == "done":  # every utterance the server heard should have had its final
+                    record.errors += ["missing_final"] * max(event["segments"] - record.finals, 0)
             await sender
             if stream.close_code != 1000:
                 record.errors.append(f"close {stream.close_code}")
