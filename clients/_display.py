@@ -94,13 +94,13 @@ class Captions:
         if self.state.startswith("results"):  # a final arrived: the lag warning has had its say
             self.state = "listening"
         self._stable = self._unstable = ""
-        if not line.text.strip():
+        if not line.caption:
             return
         if self.live:
             stamp = f"{_DIM}[{_clock(line.start)}]{_RESET} "
-            self.out.write(f"{_CLEAR}{stamp}{line.text.strip()}\n")
+            self.out.write(f"{_CLEAR}{stamp}{line.caption}\n")
         else:
-            self.out.write(f"{line.text.strip()}\n")
+            self.out.write(f"{line.caption}\n")
         self.out.flush()
 
     def _note(self, text: str) -> None:

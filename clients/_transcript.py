@@ -22,6 +22,11 @@ class Line:
     language: str | None
     token_ids: tuple[int, ...]
 
+    @property
+    def caption(self) -> str:
+        """The text on one line: a blank line would end a subtitle cue."""
+        return " ".join(self.text.split())
+
     @classmethod
     def from_final(cls, event: dict[str, Any]) -> Line:
         return cls(event["start"], event["end"], event["text"], event.get("language"), tuple(event["token_ids"]))
@@ -39,7 +44,7 @@ class Transcript:
     @property
     def spoken(self) -> list[Line]:
         """The lines with text (an utterance can be transcribed as nothing: noise, a cough)."""
-        return [line for line in self.lines if line.text.strip()]
+        return [line for line in self.lines if line.caption]
 
     def render(self, suffix: str) -> str:
         renderers = {".txt": self.txt, ".srt": self.srt, ".vtt": self.vtt, ".jsonl": self.jsonl}
@@ -56,7 +61,7 @@ class Transcript:
         partial.replace(path)
 
     def txt(self) -> str:
-        return "".join(f"{line.text.strip()}\n" for line in self.spoken)
+        return "".join(f"{line.caption}\n" for line in self.spoken)
 
     def srt(self) -> str:
         return "\n".join(f"{n}\n{_cue(line, ',')}" for n, line in enumerate(self.spoken, start=1))
@@ -79,7 +84,7 @@ class Transcript:
 
 
 def _cue(line: Line, separator: str) -> str:
-    return f"{timestamp(line.start, separator)} --> {timestamp(line.end, separator)}\n{line.text.strip()}\n"
+    return f"{timestamp(line.start, separator)} --> {timestamp(line.end, separator)}\n{line.caption}\n"
 
 
 def timestamp(seconds: float, separator: str) -> str:

@@ -29,8 +29,11 @@ import pytest
 import soundfile as sf
 import soxr
 import srt
+import webvtt
 from playwright.async_api import Browser, Page, async_playwright
 from scipy.signal import correlate
+
+from asrlive.clients._transcript import timestamp
 
 from .rtc import record_received_audio, restrict_ice_to_loopback
 from .serving import GAP, TIMEOUT, eventually, running_server, stream_audio
@@ -160,6 +163,8 @@ async def test_live_captions_equal_the_servers_finals(load_model, heard, spoken,
         shown = await finals_shown(page)
         partials = await page.evaluate("window.partialsShown")
         subtitles = list(srt.parse(await export(page, "srt")))
+        captions = webvtt.from_string(await export(page, "vtt"))
+        text = await export(page, "txt")
         await page.close()
         await eventually(lambda: not server.peers and open_sessions(server) == 0)
         audio = np.concatenate(heard[session])
@@ -170,6 +175,10 @@ async def test_live_captions_equal_the_servers_finals(load_model, heard, spoken,
     cues = [f for f in finals if f["text"].strip()]
     assert [s.content for s in subtitles] == [" ".join(f["text"].split()) for f in cues]
     assert [(s.start, s.end) for s in subtitles] == [(_ms(f["start"]), _ms(f["end"])) for f in cues]
+    assert [(c.start, c.end, c.text) for c in captions] == [
+        (timestamp(f["start"], "."), timestamp(f["end"], "."), " ".join(f["text"].split())) for f in cues
+    ]
+    assert [line.split("] ", 1)[1] for line in text.splitlines()] == [s.content for s in subtitles]
     assert similarity(audio, spoken) > 0.9  # the microphone was the WAV
 
 

@@ -64,15 +64,15 @@ async def test_uninterrupted_stream_gives_the_offline_finals(load_model, dialogu
 
 
 def _assert_files_parse(transcript: Transcript, finals: list[dict], tmp_path) -> None:
-    spoken = [f for f in finals if f["text"].strip()]
+    spoken = [f for f in finals if " ".join(f["text"].split())]
     for suffix in (".txt", ".srt", ".vtt", ".jsonl"):
         transcript.write(tmp_path / f"out{suffix}")
-    assert (tmp_path / "out.txt").read_text().splitlines() == [f["text"].strip() for f in spoken]
+    assert (tmp_path / "out.txt").read_text().splitlines() == [" ".join(f["text"].split()) for f in spoken]
     cues = list(srt.parse((tmp_path / "out.srt").read_text()))
-    assert [c.content for c in cues] == [f["text"].strip() for f in spoken]
+    assert [c.content for c in cues] == [" ".join(f["text"].split()) for f in spoken]
     assert [round(c.start.total_seconds(), 3) for c in cues] == [round(f["start"], 3) for f in spoken]
     captions = webvtt.read(str(tmp_path / "out.vtt"))
-    assert [c.text for c in captions] == [f["text"].strip() for f in spoken]
+    assert [c.text for c in captions] == [" ".join(f["text"].split()) for f in spoken]
     assert [c.start for c in captions] == [timestamp(f["start"], ".") for f in spoken]
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["token_ids"] for r in records] == [f["token_ids"] for f in finals]
@@ -159,7 +159,7 @@ async def test_stream_command_prints_and_writes_the_servers_finals(load_model, d
         expected = await stream_audio(server.url, dialogue, language="English")
         command = [*_asrlive(), "stream", str(wav), "--server", server.url, "--language", "English"]
         out, err, code = await _run(*command, "--output", str(output))
-    spoken = [f["text"].strip() for f in expected.of_type("final") if f["text"].strip()]
+    spoken = [" ".join(f["text"].split()) for f in expected.of_type("final") if " ".join(f["text"].split())]
     assert code == 0, err
     assert out.splitlines() == spoken
     assert [caption.text for caption in webvtt.read(str(output))] == spoken
@@ -200,3 +200,18 @@ async def test_a_failing_source_gets_the_finals_of_what_it_captured_then_its_err
             await asyncio.wait_for(LiveStream(LiveOptions(server.url), events.append).run(unplugged()), TIMEOUT)
     assert [e["type"] for e in events if e["type"] in ("final", "done")] == ["final", "done"]
     assert events[-1]["reason"] == "finish"
+
+
+def test_a_final_with_blank_lines_stays_one_cue(tmp_path):
+    transcript = Transcript()
+    transcript.add({"start": 0.5, "end": 1.25, "text": " one\n\ntwo ", "language": None, "token_ids": [1]})
+    transcript.add({"start": 2.0, "end": 2.5, "text": " \n", "language": None, "token_ids": [2]})
+    transcript.add({"start": 3.0, "end": 4.0, "text": "three", "language": None, "token_ids": [3]})
+    cues = list(srt.parse(transcript.srt()))
+    assert [(c.content, c.start.total_seconds(), c.end.total_seconds()) for c in cues] == [
+        ("one two", 0.5, 1.25),
+        ("three", 3.0, 4.0),
+    ]
+    assert [c.text for c in webvtt.from_string(transcript.vtt())] == ["one two", "three"]
+    assert transcript.txt() == "one two\nthree\n"
+    assert [json.loads(line)["token_ids"] for line in transcript.jsonl().splitlines()] == [[1], [2], [3]]
