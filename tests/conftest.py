@@ -11,6 +11,7 @@ from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRProcessor
 from asrlive.engine import AsrModel, load_audio
 
 from .checkpoints import FIXTURES, random_network, write_hf_checkpoint, write_original_checkpoint
+from .serving import GAP
 
 EOS = (151643, 151645)
 
@@ -76,3 +77,25 @@ def reference(checkpoints):
 def speech() -> dict[str, np.ndarray]:
     """Every fixture clip as 16 kHz mono float32, by name."""
     return {path.stem: load_audio(path) for path in sorted((FIXTURES / "speech").glob("*.wav"))}
+
+
+@pytest.fixture(scope="session")
+def two_utterances(speech) -> np.ndarray:
+    """Half a second of silence, two utterances, each followed by a pause long enough to end it."""
+    return np.concatenate([GAP[:8000], speech["goforward"], GAP, speech["cards-001"], GAP])
+
+
+@pytest.fixture
+def loopback_ice(monkeypatch) -> None:
+    """WebRTC tests: ICE on 127.0.0.1 only (tests/rtc.py)."""
+    from .rtc import restrict_ice_to_loopback
+
+    restrict_ice_to_loopback(monkeypatch)
+
+
+@pytest.fixture
+def heard(monkeypatch) -> dict[str, list[np.ndarray]]:
+    """The 16 kHz audio each session is fed on the server, by session id (tests/rtc.py)."""
+    from .rtc import record_received_audio
+
+    return record_received_audio(monkeypatch)

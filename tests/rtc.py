@@ -31,6 +31,12 @@ RTC_RATE = 48_000
 FRAME = RTC_RATE // 50  # 20 ms, as browsers send
 
 
+def open_sessions(server) -> float:
+    """The server's asrlive_open_sessions gauge, as /metrics exposes it."""
+    exposition = server.metrics.exposition().decode()
+    return float(exposition.split("\nasrlive_open_sessions ")[1].split()[0])
+
+
 def restrict_ice_to_loopback(monkeypatch) -> None:
     """Test machines may send traffic to loopback addresses only: aioice offers 127.0.0.1 as its host
     candidate (it never offers loopback by itself) and ignores a peer's non-loopback candidates.

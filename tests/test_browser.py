@@ -35,8 +35,8 @@ from scipy.signal import correlate
 
 from asrlive.clients._transcript import timestamp
 
-from .rtc import record_received_audio, restrict_ice_to_loopback
-from .serving import GAP, TIMEOUT, eventually, running_server, stream_audio
+from .rtc import open_sessions
+from .serving import TIMEOUT, eventually, running_server, stream_audio
 
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE_RATE = 16_000
@@ -45,6 +45,7 @@ MS = 1000 * TIMEOUT  # Playwright's timeouts are in milliseconds
 pytestmark = [
     pytest.mark.asyncio,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+    pytest.mark.usefixtures("loopback_ice"),
 ]
 
 # Every partial the page shows, as [stable, unstable]: they come and go faster than a test polls.
@@ -60,27 +61,11 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice(monkeypatch) -> None:
-    restrict_ice_to_loopback(monkeypatch)
-
-
-@pytest.fixture
-def heard(monkeypatch) -> dict[str, list[np.ndarray]]:
-    return record_received_audio(monkeypatch)
-
-
 @pytest.fixture(scope="module")
-def spoken(speech) -> np.ndarray:
-    """What the microphone says, at 16 kHz: two utterances, each followed by a pause long enough to end it."""
-    return np.concatenate([GAP[:8000], speech["goforward"], GAP, speech["cards-001"], GAP])
-
-
-@pytest.fixture(scope="module")
-def microphone(spoken, tmp_path_factory) -> Path:
+def microphone(two_utterances, tmp_path_factory) -> Path:
     """The fake capture device's file: 48 kHz 16-bit mono, a rate Chromium plays as it is."""
     path = tmp_path_factory.mktemp("microphone") / "speech-48k.wav"
-    sf.write(path, soxr.resample(spoken, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    sf.write(path, soxr.resample(two_utterances, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
     return path
 
 
@@ -129,11 +114,6 @@ async def export(page: Page, format: str) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
-def open_sessions(server) -> float:
-    exposition = server.metrics.exposition().decode()
-    return float(exposition.split("\nasrlive_open_sessions ")[1].split()[0])
-
-
 def similarity(heard: np.ndarray, spoken: np.ndarray) -> float:
     """Correlation of the loudness contours (20 ms frames) of the heard audio's first pass and the
     spoken audio, at their best alignment: Opus keeps the contour, not the waveform."""
@@ -151,7 +131,7 @@ def _contour(audio: np.ndarray, frame: int = SAMPLE_RATE // 50) -> np.ndarray:
 
 
 @pytest.mark.parametrize("transport", ["websocket", "webrtc"])
-async def test_live_captions_equal_the_servers_finals(load_model, heard, spoken, microphone, transport):
+async def test_live_captions_equal_the_servers_finals(load_model, heard, two_utterances, microphone, transport):
     async with running_server(load_model("hf")) as server, chromium(microphone) as browser:
         page = await open_page(browser, server, transport)
         await page.click("#toggle")
@@ -179,7 +159,7 @@ async def test_live_captions_equal_the_servers_finals(load_model, heard, spoken,
         (timestamp(f["start"], "."), timestamp(f["end"], "."), " ".join(f["text"].split())) for f in cues
     ]
     assert [line.split("] ", 1)[1] for line in text.splitlines()] == [s.content for s in subtitles]
-    assert similarity(audio, spoken) > 0.9  # the microphone was the WAV
+    assert similarity(audio, two_utterances) > 0.9  # the microphone was the WAV
 
 
 @pytest.mark.parametrize("transport", ["websocket", "webrtc"])

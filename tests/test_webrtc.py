@@ -12,30 +12,10 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from asrlive.engine import SAMPLE_RATE, DecodingOptions
 
-from .rtc import RtcPeer, record_received_audio, restrict_ice_to_loopback, rtc_url
+from .rtc import RtcPeer, open_sessions, rtc_url
 from .serving import GAP, TIMEOUT, eventually, offline_token_ids, raw_session, running_server, stream_audio
 
-pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(autouse=True)
-def loopback_ice(monkeypatch) -> None:
-    restrict_ice_to_loopback(monkeypatch)
-
-
-@pytest.fixture
-def heard(monkeypatch) -> dict[str, list[np.ndarray]]:
-    return record_received_audio(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def two_utterances(speech) -> np.ndarray:
-    return np.concatenate([GAP[:8000], speech["goforward"], GAP, speech["cards-001"], GAP])
-
-
-def open_sessions(server) -> float:
-    exposition = server.metrics.exposition().decode()
-    return float(exposition.split("\nasrlive_open_sessions ")[1].split()[0])
+pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("loopback_ice")]
 
 
 async def test_a_webrtc_session_gets_the_finals_of_what_it_sent(load_model, two_utterances, heard):
