@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -11,12 +12,23 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.clients import connect
-from asrlive.engine import SAMPLE_RATE, DecodingOptions, transcribe
+from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber, transcribe
 from asrlive.web import AsrServer, ServerOptions
 
 TIMEOUT = 60.0
 CHUNK = SAMPLE_RATE // 10
 GAP = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
+
+
+def delayed_transcriber(seconds: float) -> type[StreamTranscriber]:
+    """An engine that needs ``seconds`` more for every job: a slow, overloaded or stuck server."""
+
+    class Delayed(StreamTranscriber):
+        def transcribe_steps(self, segment, audio, final):
+            time.sleep(seconds)  # in the inference thread, like real compute
+            return (yield from super().transcribe_steps(segment, audio, final))
+
+    return Delayed
 
 
 @asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -12,9 +11,9 @@ import numpy as np
 import pytest
 
 from asrlive.clients import SessionRefused, connect
-from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber
+from asrlive.engine import SAMPLE_RATE, DecodingOptions
 
-from .serving import GAP, TIMEOUT, eventually, offline_token_ids, running_server, stream_audio
+from .serving import GAP, TIMEOUT, delayed_transcriber, eventually, offline_token_ids, running_server, stream_audio
 
 pytestmark = pytest.mark.asyncio
 
@@ -106,17 +105,9 @@ async def test_full_server_refuses_then_admits(load_model, speech):
         assert 'asrlive_sessions_refused_total{code="server_full"} 1.0' in metrics
 
 
-class SlowTranscriber(StreamTranscriber):
-    """An engine too slow for real time: every job takes 0.4 s more."""
-
-    def transcribe_steps(self, segment, audio, final):
-        time.sleep(0.4)
-        return (yield from super().transcribe_steps(segment, audio, final))
-
-
 async def test_overload_warns_and_refuses_new_sessions_but_keeps_every_final(load_model, talk):
     model = load_model("hf")
-    async with running_server(model, SlowTranscriber, max_lag_s=0.5, lag_warning_s=0.5) as server:
+    async with running_server(model, delayed_transcriber(0.4), max_lag_s=0.5, lag_warning_s=0.5) as server:
         streaming = asyncio.create_task(stream_audio(server.url, talk, pace=0.01, partial_interval_ms=100))
         refusal = None
         for _ in range(200):

@@ -15,6 +15,7 @@ from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber
 from .serving import (
     GAP,
     TIMEOUT,
+    delayed_transcriber,
     eventually,
     offline_token_ids,
     pcm16,
@@ -155,21 +156,14 @@ async def test_an_engine_failure_ends_only_its_own_session(load_model, speech):
         assert final["token_ids"] == offline_token_ids(model, clip, final, DecodingOptions())
 
 
-class SlowTranscriber(StreamTranscriber):
-    """An engine that needs 0.2 s more for every job: an overloaded server, as a session's finals see it."""
-
-    def transcribe_steps(self, segment, audio, final):
-        time.sleep(0.2)
-        return (yield from super().transcribe_steps(segment, audio, final))
-
-
 async def test_finals_that_keep_coming_are_waited_for_past_the_drain_timeout(load_model, speech):
     """Four utterances arrive at once, then ``finish``: their finals need over 0.8 s in all, more than the
-    drain timeout, but the engine completes work every 0.2 s or so, so none is given up."""
+    drain timeout, but the engine (0.2 s more per job: overloaded) completes work every 0.2 s or so,
+    so none is given up."""
     model = load_model("hf")
     parts = [speech[name] for name in ("goforward", "cards-003", "cards-004", "librivox-0880")]
     clip = np.concatenate([x for part in parts for x in (part, GAP)])
-    async with running_server(model, SlowTranscriber, drain_timeout_s=0.6) as server:
+    async with running_server(model, delayed_transcriber(0.2), drain_timeout_s=0.6) as server:
         result = await stream_audio(server.url, clip, partials=False)
     finals = result.of_type("final")
     assert len(finals) == 4 and result.events[-1]["reason"] == "finish" and result.close_code == 1000
@@ -177,17 +171,10 @@ async def test_finals_that_keep_coming_are_waited_for_past_the_drain_timeout(loa
         assert final["token_ids"] == offline_token_ids(model, clip, final, DecodingOptions())
 
 
-class StuckTranscriber(StreamTranscriber):
-    """An engine that hangs for 3 s on its first job: stuck, as far as a 0.5 s drain timeout knows."""
-
-    def transcribe_steps(self, segment, audio, final):
-        time.sleep(3.0)
-        return (yield from super().transcribe_steps(segment, audio, final))
-
-
 async def test_a_stuck_engine_ends_the_wait_for_finals_after_the_drain_timeout(load_model, speech, caplog):
+    """The engine hangs for 3 s on its job: stuck, as far as a 0.5 s drain timeout knows."""
     clip = np.concatenate([speech["goforward"], GAP])
-    async with running_server(load_model("hf"), StuckTranscriber, drain_timeout_s=0.5) as server:
+    async with running_server(load_model("hf"), delayed_transcriber(3.0), drain_timeout_s=0.5) as server:
         began = time.monotonic()
         result = await stream_audio(server.url, clip, partials=False)
         waited = time.monotonic() - began
