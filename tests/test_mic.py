@@ -32,6 +32,15 @@ def microphone_env(tmp_path):
         yield env
 
 
+def heard(server) -> tuple[int, float]:
+    """The newest open session's (utterances begun, seconds of audio): how far the speech has come."""
+    streams = server.scheduler._streams
+    if not streams:
+        return 0, 0.0
+    session = streams[-1].session
+    return session.segments, session.position / 16_000
+
+
 class Mic:
     """The command in a subprocess; its stdout lines (the finals) as they come."""
 
@@ -71,10 +80,12 @@ async def test_mic_captions_speech_through_a_dropped_connection_and_ctrl_c_flush
         mic = Mic(await asyncio.create_subprocess_exec(*command, env=microphone_env, **pipes))
         await eventually(lambda: server.scheduler.streams)  # connected and capturing
         player = await asyncio.create_subprocess_exec(*play_command(wav), env=microphone_env)
-        await asyncio.sleep(1.5)  # the first utterance (2.8 s) is being spoken
+        await eventually(lambda: heard(server)[0] >= 1)  # the first utterance (2.8 s) is being spoken
         proxy.drop()
         await eventually(lambda: mic.lines)  # the first utterance's final
-        await asyncio.sleep(2.0)  # into the second utterance, which is 6 s long
+        await eventually(lambda: heard(server)[0] >= 2)  # the second utterance (6 s) has begun
+        began = heard(server)[1]
+        await eventually(lambda: heard(server)[1] >= began + 1.5)
         code, errors = await mic.stop()
         await asyncio.wait_for(player.wait(), TIMEOUT)
     assert code == 0, errors
