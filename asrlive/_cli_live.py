@@ -85,14 +85,15 @@ def _run_mic(args: argparse.Namespace) -> int:
         print(f"asrlive mic: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"asrlive mic: {device.name} at {device.sample_rate} Hz -> {args.server}", file=sys.stderr, flush=True)
-    overflows = [0]
+    overflows = 0
 
-    def source(stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
-        return microphone(device, stop, on_overflow=lambda: overflows.__setitem__(0, overflows[0] + 1))
+    def overflowed() -> None:
+        nonlocal overflows
+        overflows += 1
 
-    code = _run_live(args, source, max_attempts=0)
-    if overflows[0]:
-        print(f"asrlive mic: the capture overflowed {overflows[0]} times (audio lost)", file=sys.stderr)
+    code = _run_live(args, lambda stop: microphone(device, stop, on_overflow=overflowed), max_attempts=0)
+    if overflows:
+        print(f"asrlive mic: the capture overflowed {overflows} times (audio lost)", file=sys.stderr)
     return code
 
 
