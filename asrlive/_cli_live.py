@@ -15,9 +15,20 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asrlive._audio import AudioError, load_audio
+from asrlive._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    UsageError,
+    check_input_file,
+    check_output_file,
+    warn,
+)
 from asrlive.clients._display import Captions
 from asrlive.clients._live import LiveOptions, LiveStream, StreamFailed
 from asrlive.clients._sources import (
@@ -29,16 +40,16 @@ from asrlive.clients._sources import (
     microphone,
 )
 from asrlive.clients._transcript import FORMATS
-from asrlive.engine import AudioError, load_audio
+
+if TYPE_CHECKING:
+    from asrlive._cli_common import Commands
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/v1/stream"
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 
 Source = Callable[[asyncio.Event], AsyncIterator[np.ndarray]]
 
 
-def add_live_commands(commands) -> None:
+def add_commands(commands: Commands) -> None:
     mic = commands.add_parser(
         "mic",
         help="live captions from a microphone, transcribed by a server",
@@ -54,7 +65,9 @@ def add_live_commands(commands) -> None:
         help="live captions for an audio file, transcribed by a server",
         description="Stream an audio file to an asrlive server as a live client would; print the finals.",
     )
-    stream.add_argument("file", metavar="FILE", help="audio file (wav, flac, ogg, mp3; any rate)")
+    stream.add_argument(
+        "file", metavar="FILE", help="audio or video file (wav, flac, ogg, mp3, m4a, mp4, webm, ...; any rate)"
+    )
     stream.add_argument("--realtime", action="store_true", help="send at real-time pace (default: as fast as taken)")
     _add_client_options(stream)
     stream.set_defaults(run=_run_stream)
@@ -72,6 +85,7 @@ def _add_client_options(cmd: argparse.ArgumentParser) -> None:
 
 
 def _run_mic(args: argparse.Namespace) -> int:
+    options = _live_options(args, max_attempts=0)
     try:
         if args.list_devices:
             devices = input_devices()
@@ -91,33 +105,42 @@ def _run_mic(args: argparse.Namespace) -> int:
         nonlocal overflows
         overflows += 1
 
-    code = _run_live(args, lambda stop: microphone(device, stop, on_overflow=overflowed), max_attempts=0)
+    code = _run_live(args, options, lambda stop: microphone(device, stop, on_overflow=overflowed))
     if overflows:
         print(f"asrlive mic: the capture overflowed {overflows} times (audio lost)", file=sys.stderr)
     return code
 
 
 def _run_stream(args: argparse.Namespace) -> int:
+    check_input_file(args.file)
+    options = _live_options(args, max_attempts=5)
     try:
-        audio = load_audio(args.file)
+        audio = load_audio(args.file, on_warning=lambda message: warn("stream", message))
     except AudioError as exc:
-        print(f"asrlive stream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return _run_live(args, lambda stop: file_chunks(audio, args.realtime, stop), max_attempts=5)
+        raise UsageError(str(exc)) from None
+    return _run_live(args, options, lambda stop: file_chunks(audio, args.realtime, stop))
 
 
-def _run_live(args: argparse.Namespace, source: Source, max_attempts: int) -> int:
-    if args.output is not None and args.output.suffix.lower() not in FORMATS:
-        print(f"asrlive {args.command}: --output must end in {', '.join(FORMATS)}", file=sys.stderr)
-        return EXIT_USAGE
-    options = LiveOptions(
-        args.server,
-        language=args.language,
-        context=args.context,
-        partials=not args.no_partials,
-        token=args.token,
-        max_attempts=max_attempts,
-    )
+def _live_options(args: argparse.Namespace, max_attempts: int) -> LiveOptions:
+    """Everything checkable is checked before a microphone opens or a file is read."""
+    if args.output is not None:
+        if args.output.suffix.lower() not in FORMATS:
+            raise UsageError(f"--output must end in {', '.join(FORMATS)}")
+        check_output_file(args.output)
+    try:
+        return LiveOptions(
+            args.server,
+            language=args.language,
+            context=args.context,
+            partials=not args.no_partials,
+            token=args.token,
+            max_attempts=max_attempts,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--server: {exc}") from None
+
+
+def _run_live(args: argparse.Namespace, options: LiveOptions, source: Source) -> int:
     captions = Captions()
     try:
         return asyncio.run(_live(options, source, captions, args.output))
@@ -137,7 +160,7 @@ async def _live(options: LiveOptions, source: Source, captions: Captions, output
     stop = asyncio.Event()
     _on_interrupt(stop, asyncio.current_task())
 
-    def on_event(event: dict) -> None:
+    def on_event(event: dict[str, Any]) -> None:
         captions.on_event(event)
         if event["type"] == "final" and output is not None:
             captions.transcript.write(output)
@@ -151,11 +174,11 @@ async def _live(options: LiveOptions, source: Source, captions: Captions, output
         await LiveStream(options, on_event).run(tapped())
     except asyncio.CancelledError:
         print("asrlive: stopped without waiting for the last final", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 
-def _on_interrupt(stop: asyncio.Event, task: asyncio.Task | None) -> None:
+def _on_interrupt(stop: asyncio.Event, task: asyncio.Task[int] | None) -> None:
     """First SIGINT/SIGTERM: stop capturing and finish; the second: stop now."""
 
     def interrupted() -> None:

@@ -17,6 +17,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection
@@ -25,6 +26,25 @@ from websockets.exceptions import ConnectionClosed
 
 Event = dict[str, Any]
 CLOSE_TIMEOUT_S = 10.0
+STREAM_PATH = "/v1/stream"  # the server's streaming endpoint (docs/protocol.md)
+_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def stream_url(url: str) -> str:
+    """The WebSocket URL of a server given as ``asrlive serve`` prints it, or as a person types it.
+
+    ``http://HOST:PORT`` (the page) and ``HOST:PORT`` mean ``ws://HOST:PORT/v1/stream``; https
+    becomes wss. An explicit path is kept, so a wrong one is reported by the server, not guessed.
+    """
+    text = url.strip()
+    if "://" not in text:
+        text = f"ws://{text}"
+    parts = urlsplit(text)
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise ValueError(f"{url!r} is not a server address; use ws://HOST:PORT{STREAM_PATH} or http://HOST:PORT")
+    path = parts.path if parts.path not in ("", "/") else STREAM_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
 class SessionRefused(Exception):
@@ -94,6 +114,7 @@ async def connect(
     timeout: float = 30.0,
 ) -> AsyncIterator[Stream]:
     """Open a session; raises SessionRefused if the server says no, TimeoutError if it does not answer."""
+    url = stream_url(url)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     start: Event = {"type": "start", "protocol": 1, "language": language, "context": context}
     start |= {"sample_rate": sample_rate, "encoding": encoding, "partials": partials}

@@ -4,17 +4,24 @@ On a terminal the last line is the live one: the current partial (stable text pl
 text dim), a level meter that shows audio is arriving, and the connection state. Finals are
 printed as lines above it with their time. When the output is not a terminal (a pipe, a file)
 only the finals are written, one per line, and the states go to stderr.
+
+The live line is measured in terminal columns (a Chinese character takes two) and kept one column short
+of the width: a line that wrapped could not be redrawn in place and would leave a copy at every redraw.
+Text from the server is flattened to one printable line first: no line breaks, no escape sequences.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 import numpy as np
+from wcwidth import wcswidth, wcwidth
 
 from ._transcript import Transcript
 
@@ -22,6 +29,22 @@ _CLEAR = "\r\x1b[2K"
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 _METER_WIDTH = 8
 _REDRAW_INTERVAL_S = 0.1  # the meter alone redraws at most this often
+_ELLIPSIS, _ZWJ = "…", "\u200d"
+
+# What a terminal would act on rather than print, from a server we need not trust: CSI (colours, cursor
+# moves, erasing; ESC [ or the C1 byte), the string commands (OSC: title, hyperlink, clipboard; DCS, SOS,
+# PM, APC; to their terminator) and the short ESC forms (reset, charsets, saved cursor).
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]"
+)
+# A line break, tab, carriage return or other control character, with the spaces around it.
+_BREAKS = re.compile(r" *[\x00-\x1f\x7f-\x9f\u2028\u2029][ \x00-\x1f\x7f-\x9f\u2028\u2029]*")
+# Bidi controls make a bidi-aware terminal reorder the line; captions do not need them.
+_BIDI = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# A lone surrogate (JSON allows one) cannot be encoded: writing it would end the client.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 
 def level_db(pcm: np.ndarray) -> float:
@@ -56,7 +79,7 @@ class Captions:
         if kind == "status":
             self._status(event)
         elif kind == "partial":
-            self._stable, self._unstable = event["stable"], event["unstable"]
+            self._stable, self._unstable = _flat(event["stable"]), _flat(event["unstable"])
         elif kind == "final":
             self._final(event)
         elif kind == "error":
@@ -94,16 +117,18 @@ class Captions:
         if self.state.startswith("results"):  # a final arrived: the lag warning has had its say
             self.state = "listening"
         self._stable = self._unstable = ""
-        if not line.caption:
+        caption = _flat(line.caption)  # may wrap above the live line, but must not drive the terminal
+        if not caption:
             return
         if self.live:
             stamp = f"{_DIM}[{_clock(line.start)}]{_RESET} "
-            self.out.write(f"{_CLEAR}{stamp}{line.caption}\n")
-        else:
-            self.out.write(f"{line.caption}\n")
+            self.out.write(f"{_CLEAR}{stamp}{caption}\n")
+        else:  # a pipe often ends on a terminal too (| tee)
+            self.out.write(f"{caption}\n")
         self.out.flush()
 
     def _note(self, text: str) -> None:
+        text = _flat(text)  # server reasons and messages
         if self.live:
             self.out.write(f"{_CLEAR}{_DIM}-- {text}{_RESET}\n")
             self.out.flush()
@@ -114,9 +139,10 @@ class Captions:
         if not self.live:
             return
         self._drawn_at = time.monotonic()
+        cols = self.width() - 1  # the last column stays free: some terminals wrap as soon as it is written
         language = f" {self.language}" if self.language else ""
-        head = f"{meter(self._db)} {self.state}{language} "
-        stable, unstable = _tail(self._stable, self._unstable, self.width() - len(head) - 1)
+        head = _start(_flat(f"{meter(self._db)} {self.state}{language} "), cols)  # state, language: the server's
+        stable, unstable = _tail(self._stable, self._unstable, cols - _width(head))
         self.out.write(f"{_CLEAR}{_DIM}{head}{_RESET}{stable}{_DIM}{unstable}{_RESET}")
         self.out.flush()
 
@@ -125,13 +151,65 @@ class Captions:
 
 
 def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
-    """The end of the partial that fits on the live line: a wrapped line could not be redrawn in place."""
-    if len(stable) + len(unstable) <= room:
+    """The end of the partial that fits in room columns: a wrapped line could not be redrawn in place."""
+    if _width(stable) + _width(unstable) <= room:
         return stable, unstable
-    start = len(stable) + len(unstable) - max(room - 1, 0)  # keep room - 1 characters after an ellipsis
-    if start < len(stable):
-        return "…" + stable[start:], unstable
-    return "…", unstable[start - len(stable) :]
+    room -= _width(_ELLIPSIS)
+    if room < 0:
+        return "", ""
+    end = _end(unstable, room)
+    if end != unstable:  # the unstable text alone is too wide: none of the stable text fits
+        return _ELLIPSIS, end
+    return _ELLIPSIS + _end(stable, room - _width(unstable)), unstable
+
+
+def _flat(text: str) -> str:
+    """The text as one line a terminal prints as it is: no escape sequence, control character or line break."""
+    text = _BIDI.sub("", _SURROGATES.sub("\ufffd", _ESCAPES.sub("", text)))
+    return _BREAKS.sub(" ", text)
+
+
+def _clusters(text: str) -> list[str]:
+    """The characters, each with the zero-width ones that belong to it (combining marks, a joiner and
+    what it joins, variation selectors, Hangul jamo): truncating between them would orphan or widen them."""
+    clusters: list[str] = []
+    for char in text:
+        if clusters and (wcwidth(char) == 0 or clusters[-1][-1] == _ZWJ):
+            clusters[-1] += char
+        else:
+            clusters.append(char)
+    return clusters
+
+
+def _cluster_width(cluster: str) -> int:
+    """Columns, the wider of the ways a terminal may draw it: as one glyph (a joined emoji; a selector that
+    widens its base) or one character at a time (a terminal that does not join): it must fit either way."""
+    if len(cluster) == 1:
+        return max(wcwidth(cluster), 0)
+    return max(wcswidth(cluster), sum(max(wcwidth(char), 0) for char in cluster))
+
+
+def _width(text: str) -> int:
+    return sum(map(_cluster_width, _clusters(text)))
+
+
+def _fit(clusters: Iterable[str], cols: int) -> list[str]:
+    """The leading clusters that take at most cols columns: a wide character that would not fit is left out."""
+    kept: list[str] = []
+    for cluster in clusters:
+        cols -= _cluster_width(cluster)
+        if cols < 0:
+            break
+        kept.append(cluster)
+    return kept
+
+
+def _start(text: str, cols: int) -> str:
+    return "".join(_fit(_clusters(text), cols))
+
+
+def _end(text: str, cols: int) -> str:
+    return "".join(reversed(_fit(reversed(_clusters(text)), cols)))
 
 
 def _clock(seconds: float) -> str:

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from asrlive.engine import SAMPLE_RATE
+from asrlive._audio import SAMPLE_RATE
 
-from ._client import Event, SessionRefused, Stream, connect
+from ._client import STREAM_PATH, Event, SessionRefused, Stream, connect, stream_url
 
 FRAME = SAMPLE_RATE // 10  # 100 ms per message
 RETRYABLE = {"server_full", "server_busy", "closed"}  # refusals worth waiting out
@@ -51,6 +51,9 @@ class LiveOptions:
     retry_delays_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # the last one repeats
     max_attempts: int = 0  # consecutive failed connects before giving up; 0: never give up
     max_backlog_s: float = 600.0  # audio kept while disconnected; the oldest goes beyond this
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", stream_url(self.url))  # ValueError for what is no server address
 
 
 class AudioBuffer:
@@ -127,8 +130,9 @@ class LiveStream:
             capture.cancel()
         if self.buffer.lost:
             self.on_event({"type": "status", "state": "audio_lost", "seconds": self.buffer.lost / SAMPLE_RATE})
-        if capture.done() and not capture.cancelled() and capture.exception() is not None:
-            raise capture.exception()  # the source failed; what it captured before has its finals
+        failure = capture.exception() if capture.done() and not capture.cancelled() else None
+        if failure is not None:
+            raise failure  # the source failed; what it captured before has its finals
 
     async def _capture(self, source: AsyncIterator[np.ndarray]) -> None:
         try:
@@ -176,6 +180,13 @@ class LiveStream:
                 if refusal.code not in RETRYABLE:
                     raise StreamFailed(f"the server refused the session: {refusal}") from None
                 reason = str(refusal)
+            except InvalidStatus as exc:
+                if exc.response.status_code == 404:  # a server, but not this path: retrying cannot help
+                    raise StreamFailed(
+                        f"{stream_url(options.url)} is not a streaming endpoint (HTTP 404); "
+                        f"an asrlive server streams at ws://HOST:PORT{STREAM_PATH}"
+                    ) from None
+                reason = f"cannot reach {options.url}: {exc}"
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 reason = f"cannot reach {options.url}: {exc or type(exc).__name__}"
             else:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import numpy.typing as npt
 
-from asrlive.engine import SAMPLE_RATE
+from asrlive._audio import SAMPLE_RATE
 
-from ._client import SessionRefused, connect
+from ._client import SessionRefused, Stream, connect
 
 FRAME = SAMPLE_RATE // 10
 
@@ -64,7 +66,7 @@ class LoadReport:
         ]
 
 
-def _p(values, q: float) -> str:
+def _p(values: Sequence[float], q: float) -> str:
     return f"{np.percentile(values, q):.2f} s" if len(values) else "n/a"
 
 
@@ -101,13 +103,21 @@ async def run_load(
     )
 
 
-async def _client(url, audio, record: ClientRecord, delay: float, token, interval) -> None:
+async def _client(
+    url: str,
+    audio: np.ndarray,
+    record: ClientRecord,
+    delay: float,
+    token: str | None,
+    interval: int | None,
+) -> None:
     await asyncio.sleep(delay)
-    sent_at = np.full(-(-audio.size // FRAME), np.inf)  # when frame i left
+    sent_at: npt.NDArray[np.float64] = np.full(-(-audio.size // FRAME), np.inf)  # when frame i left
 
     def sent(seconds: float) -> float:
         frame = min(max(int(np.ceil(seconds * SAMPLE_RATE / FRAME)) - 1, 0), sent_at.size - 1)
-        return sent_at[frame]
+        at: float = sent_at[frame]  # numpy's stubs type an element as Any
+        return at
 
     try:
         async with connect(url, token=token, partial_interval_ms=interval) as stream:
@@ -133,7 +143,7 @@ async def _client(url, audio, record: ClientRecord, delay: float, token, interva
         record.errors.append(type(exc).__name__)
 
 
-async def _send_realtime(stream, audio: np.ndarray, sent_at: np.ndarray) -> None:
+async def _send_realtime(stream: Stream, audio: np.ndarray, sent_at: npt.NDArray[np.float64]) -> None:
     start = time.monotonic()
     for index in range(sent_at.size):
         await asyncio.sleep(max(0.0, start + index * FRAME / SAMPLE_RATE - time.monotonic()))
@@ -150,12 +160,17 @@ def metrics_url(url: str) -> str:
 
 def inference_seconds(url: str) -> float | None:
     """The server's asrlive_inference_seconds_total, or None if /metrics cannot be read."""
+    return metric(url, "asrlive_inference_seconds_total")
+
+
+def metric(url: str, name: str) -> float | None:
+    """One unlabelled sample of the server's /metrics, or None if it cannot be read."""
     try:
         with urllib.request.urlopen(metrics_url(url), timeout=10) as response:
             text = response.read().decode()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("asrlive_inference_seconds_total "):
+        if line.startswith(f"{name} "):
             return float(line.split()[1])
     return None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from asrlive.engine import SAMPLE_RATE
+from asrlive._audio import SAMPLE_RATE
 
 CHUNK_S = 0.1
 NO_INPUT = "no audio input device was found: is a microphone connected, and can this user open it?"

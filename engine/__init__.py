@@ -1,18 +1,54 @@
-"""The inference engine: checkpoint loading, features, encoder and decoder drivers (torch; no I/O loop)."""
+"""The inference engine: checkpoint loading, features, encoder and decoder drivers (torch; no I/O loop).
 
-from ._audio import SAMPLE_RATE, AudioError, load_audio, to_model_rate
-from ._batch import run_batch
-from ._checkpoint import DEFAULT_MODEL, KNOWN_MODELS, ModelLoadError
-from ._incremental import Hypothesis, StreamTranscriber, UtteranceDecoder
-from ._model import DTYPES, AsrModel, ModelInfo, resolve_dtype
-from ._offline import DecodingOptions, Segment, Transcription, transcribe
-from ._prompt import LANGUAGES, normalize_language
+Names are imported on first use (PEP 562): the command line and the server's options read
+``DecodingOptions`` and the model names without paying for torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._options import DEFAULT_MODEL, DTYPE_NAMES, KNOWN_MODELS, MAX_SEGMENT_SECONDS, DecodingOptions
+
+if TYPE_CHECKING:
+    from asrlive._audio import SAMPLE_RATE, AudioError, load_audio, to_model_rate
+
+    from ._batch import run_batch
+    from ._checkpoint import ModelLoadError
+    from ._incremental import Hypothesis, StreamTranscriber, UtteranceDecoder
+    from ._model import DTYPES, AsrModel, ModelInfo, resolve_dtype
+    from ._offline import Segment, Transcription, transcribe
+    from ._prompt import LANGUAGES, normalize_language
+
+_LAZY = {
+    "asrlive._audio": ("SAMPLE_RATE", "AudioError", "load_audio", "to_model_rate"),
+    "._batch": ("run_batch",),
+    "._checkpoint": ("ModelLoadError",),
+    "._incremental": ("Hypothesis", "StreamTranscriber", "UtteranceDecoder"),
+    "._model": ("DTYPES", "AsrModel", "ModelInfo", "resolve_dtype"),
+    "._offline": ("Segment", "Transcription", "transcribe"),
+    "._prompt": ("LANGUAGES", "normalize_language"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPES",
+    "DTYPE_NAMES",
     "KNOWN_MODELS",
     "LANGUAGES",
+    "MAX_SEGMENT_SECONDS",
     "SAMPLE_RATE",
     "AsrModel",
     "AudioError",

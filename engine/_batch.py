@@ -9,6 +9,7 @@ streams dropping out as they finish. Encoders run per stream as each computation
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,5 +44,5 @@ def run_batch(model: AsrModel, computations: Sequence[Steps[Any]]) -> list[Any]:
                 results[index] = exc
             continue
         for index, output in zip(indices, outputs, strict=True):
-            advance(index, lambda computation=computations[index], output=output: computation.send(output))
+            advance(index, partial(computations[index].send, output))
     return results

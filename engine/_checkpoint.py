@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
-DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
-KNOWN_MODELS = ("Qwen/Qwen3-ASR-0.6B", "Qwen/Qwen3-ASR-1.7B")
+from ._options import KNOWN_MODELS
+
+if TYPE_CHECKING:
+    from transformers import Qwen3ASRForConditionalGeneration
 
 Layout = Literal["original", "hf"]
 
@@ -152,7 +154,7 @@ def _tokens_per_chunk(n_window: int) -> int:
     return frames
 
 
-def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
+def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASRForConditionalGeneration:
     """Build ``Qwen3ASRForConditionalGeneration`` from the checkpoint's weights, strictly."""
     from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
 
@@ -165,8 +167,12 @@ def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
         raise ModelLoadError(f"config.json of {checkpoint.path} is not a valid Qwen3-ASR config: {exc}") from None
     mapping = _ORIGINAL_KEY_MAPPING if checkpoint.layout == "original" else None
     try:
-        model, info = Qwen3ASRForConditionalGeneration.from_pretrained(
-            checkpoint.path, config=config, dtype=dtype, key_mapping=mapping, output_loading_info=True
+        # Typed as returning the model; with output_loading_info it returns (model, loading info).
+        model, info = cast(
+            "tuple[Qwen3ASRForConditionalGeneration, dict[str, Any]]",
+            Qwen3ASRForConditionalGeneration.from_pretrained(
+                checkpoint.path, config=config, dtype=dtype, key_mapping=mapping, output_loading_info=True
+            ),
         )
     except Exception as exc:  # safetensors, torch and transformers each raise their own types
         raise ModelLoadError(
@@ -174,7 +180,8 @@ def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
             "The files may be truncated or corrupt: delete them and download the model again."
         ) from exc
     _check_loading_info(checkpoint.path, info)
-    return model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # transformers' eval() is unannotated; it returns the model
+    return model
 
 
 def _check_loading_info(path: Path, info: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ HOP = 160
 HALF = N_FFT // 2
 MIN_SAMPLES = 8_000  # the reference zero-pads shorter clips to 0.5 s
 DYNAMIC_RANGE = 8.0  # log10 units kept below the loudest frame
+MIN_COLUMNS = 32  # the narrowest mel product that rounds as a wide one does (see _raw)
 
 
 class IncrementalMel:
@@ -55,11 +56,15 @@ class IncrementalMel:
         if n_samples >= self.n_samples:
             return
         self.n_samples = n_samples
-        keep = _final_frames(n_samples)
-        raw = torch.cat(self._final, dim=1)[:, :keep] if self._final else None
-        self._final = [raw] if keep else []
+        keep = _final_frames(n_samples)  # at most self.n_final: frames kept exist in self._final
+        if keep:
+            raw = torch.cat(self._final, dim=1)[:, :keep]
+            self._final = [raw]
+            self._final_max = float(raw.max())
+        else:
+            self._final = []
+            self._final_max = -float("inf")
         self.n_final = keep
-        self._final_max = float(raw.max()) if keep else -float("inf")
 
     def features(self) -> torch.Tensor:
         """Normalised log-mel of the whole utterance so far: (n_mels, n_frames)."""
@@ -103,10 +108,11 @@ class IncrementalMel:
         spectrum = torch.stft(signal, N_FFT, HOP, window=self._window, center=False, return_complex=True)
         power = spectrum.abs() ** 2  # (n_fft/2 + 1, frames)
         frames = power.shape[1]
-        if frames == 1:
-            # A one-column product takes BLAS's matrix-vector path, which rounds differently
-            # from the reference's matrix-matrix product: compute two columns, keep one.
-            power = power.expand(-1, 2)
+        if frames < MIN_COLUMNS:
+            # BLAS picks other kernels for narrow products (matrix-vector for one column, small-n
+            # paths for a few more on AVX512/AMX CPUs), which round differently from the
+            # reference's product over the whole clip: multiply at least MIN_COLUMNS, keep ours.
+            power = torch.nn.functional.pad(power, (0, MIN_COLUMNS - frames))
         return torch.clamp(self._filters_t @ power, min=1e-10).log10()[:, :frames]
 
 

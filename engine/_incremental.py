@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._audio import SAMPLE_RATE
+from asrlive._audio import SAMPLE_RATE
+
 from ._features import IncrementalMel
 from ._kvcache import KVCache
 from ._llm import Step
 from ._model import AsrModel, Steps
-from ._offline import DecodingOptions, token_budget
+from ._offline import token_budget
+from ._options import DecodingOptions
 from ._prompt import PromptIds, build_prompt, parse_answer
 
 
@@ -51,8 +53,7 @@ class UtteranceDecoder:
         self.model = model
         self.forced_language = forced_language
         self.mel = IncrementalMel(model.feature_extractor.mel_filters)
-        audio = model.network.config.audio_config
-        self.frames_per_window = audio.n_window_infer
+        self.frames_per_window = model.audio_config.n_window_infer
         self._windows: list[_Window] = []
         self._suffix = model.embed(prompt.suffix)
         # The prompt prefix is the same for every utterance of a stream: its KV is copied, not recomputed.

@@ -14,7 +14,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 _INITIAL_CAPACITY = 256  # tokens; doubled whenever full
 
 
-class _GrowingLayer(DynamicLayer):
+# transformers' CacheLayerMixin.__init_subclass__ is unannotated.
+class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
@@ -22,7 +23,9 @@ class _GrowingLayer(DynamicLayer):
         self._v = value_states.new_empty(batch, value_states.shape[1], _INITIAL_CAPACITY, value_states.shape[-1])
         self._length = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self._length + key_states.shape[-2]
@@ -58,7 +61,8 @@ class KVCache(Cache):
     """One growing layer per decoder layer, with an explicit length that can be cut back."""
 
     def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[_GrowingLayer() for _ in range(num_layers)])
+        # transformers' CacheLayerMixin.__init__ is unannotated.
+        super().__init__(layers=[_GrowingLayer() for _ in range(num_layers)])  # type: ignore[no-untyped-call]
 
     @property
     def length(self) -> int:
@@ -74,6 +78,8 @@ class KVCache(Cache):
         """An independent cache holding the same keys and values."""
         other = KVCache(len(self.layers))
         for index, layer in enumerate(self.layers):
-            if layer.is_initialized:
+            if not isinstance(layer, _GrowingLayer):
+                raise TypeError(f"layer {index} of a KVCache is a {type(layer).__name__}")
+            if layer.is_initialized and layer.keys is not None and layer.values is not None:  # set once initialized
                 other.update(layer.keys.clone(), layer.values.clone(), index)
         return other

@@ -9,23 +9,33 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
 
-from ._audio import SAMPLE_RATE
-from ._checkpoint import DEFAULT_MODEL, ModelLoadError, load_network, read_checkpoint, resolve_model_dir
+from asrlive._audio import SAMPLE_RATE
+
+from ._checkpoint import ModelLoadError, load_network, read_checkpoint, resolve_model_dir
 from ._kvcache import KVCache
 from ._llm import RaggedForward, Step, can_pack_weights
-from ._prompt import PromptIds
+from ._options import DEFAULT_MODEL, DTYPE_NAMES
+from ._prompt import PromptIds, TextEncoder
+
+if TYPE_CHECKING:
+    from transformers import (
+        Qwen3ASREncoderConfig,
+        Qwen3ASRFeatureExtractor,
+        Qwen3ASRForConditionalGeneration,
+        Qwen3Config,
+    )
 
 T = TypeVar("T")
 # A computation that needs LLM forwards: it yields each Step it wants run, is sent the greedy
 # ids, and returns its result. One driver runs it alone, another runs many in one batch.
 Steps = Generator[Step, torch.Tensor, T]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16), strict=True))
 EOS_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
 # The network was trained with these ids; a tokenizer that puts them elsewhere cannot work.
 ASR_TOKEN_IDS = {"<|audio_start|>": 151669, "<|audio_end|>": 151670, "<|audio_pad|>": 151676, "<asr_text>": 151704}
@@ -53,6 +63,13 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+class Tokenizer(TextEncoder, Protocol):
+    """What the engine and the server use of a tokenizer (transformers' tokenizers have it)."""
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool) -> str | list[str]: ...
+    def get_added_vocab(self) -> dict[str, int]: ...
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # what the user asked for: hub id or directory
@@ -64,12 +81,22 @@ class ModelInfo:
 class AsrModel:
     """A Qwen3-ASR checkpoint ready for inference. Not thread-safe: one thread drives it."""
 
-    def __init__(self, network, tokenizer, feature_extractor, info: ModelInfo) -> None:
+    def __init__(
+        self,
+        network: Qwen3ASRForConditionalGeneration,
+        tokenizer: Tokenizer,
+        feature_extractor: Qwen3ASRFeatureExtractor,
+        info: ModelInfo,
+    ) -> None:
         self.network = network
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.info = info
         self.dtype = info.dtype
+        # transformers types the sub-configs as dict | PreTrainedConfig | None; Qwen3ASRConfig
+        # always builds them as these config objects.
+        self.audio_config = cast("Qwen3ASREncoderConfig", network.config.audio_config)
+        self.text_config = cast("Qwen3Config", network.config.text_config)
         # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
         network.requires_grad_(False)
         self._embed_tokens = network.get_input_embeddings()
@@ -101,11 +128,17 @@ class AsrModel:
 
     def features(self, audio: np.ndarray) -> torch.Tensor:
         """Log-mel features exactly as the reference processor computes them: (n_mels, frames)."""
+        # padding=True (longest) is passed on to pad(), which takes it; the extractor annotates it str | None.
         out = self.feature_extractor(
-            audio, sampling_rate=SAMPLE_RATE, padding=True, return_attention_mask=True, return_tensors="pt"
+            audio,
+            sampling_rate=SAMPLE_RATE,
+            padding=True,  # type: ignore[arg-type]
+            return_attention_mask=True,
+            return_tensors="pt",
         )
         frames = int(out["attention_mask"].sum())
-        return out["input_features"][0, :, :frames]
+        features: torch.Tensor = out["input_features"][0, :, :frames]  # BatchFeature items are untyped
+        return features
 
     @torch.inference_mode()
     def encode_frames(self, features: torch.Tensor) -> torch.Tensor:
@@ -116,13 +149,15 @@ class AsrModel:
         encodes exactly as it does inside the whole clip.
         """
         n_mels, frames = features.shape
-        chunk = 2 * self.network.config.audio_config.n_window
+        chunk = 2 * self.audio_config.n_window
         padded = -(-frames // chunk) * chunk
         batch = torch.zeros(1, n_mels, padded, dtype=self.dtype)
         batch[0, :, :frames] = features
         mask = torch.zeros(1, padded, dtype=torch.long)
         mask[0, :frames] = 1
-        return self.network.model.get_audio_features(batch, mask).pooler_output
+        output = self.network.model.get_audio_features(batch, mask)  # untyped in transformers
+        embeds: torch.Tensor = output.pooler_output
+        return embeds
 
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
         return self.encode_frames(self.features(audio))
@@ -131,7 +166,8 @@ class AsrModel:
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """(len(token_ids), hidden)"""
-        return self._embed_tokens(torch.tensor([token_ids], dtype=torch.long))[0]
+        embeds: torch.Tensor = self._embed_tokens(torch.tensor([token_ids], dtype=torch.long))[0]  # Module call: Any
+        return embeds
 
     def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
         """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""
@@ -150,7 +186,7 @@ class AsrModel:
         return self._ragged(steps)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.network.config.text_config.num_hidden_layers)
+        return KVCache(self.text_config.num_hidden_layers)
 
     @torch.inference_mode()
     def greedy_decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -180,13 +216,15 @@ class AsrModel:
             while True:
                 step = steps.send(self.forward(step.embeds, step.cache, step.n_logits))
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value  # the generator's return value (typed Any)
+            return result
 
     def decode_text(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        # Typed str | list[str] in transformers: it is a str for one sequence of ids.
+        return cast(str, self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: Path) -> Tokenizer:
     from transformers import AutoTokenizer
 
     has_files = (path / "tokenizer.json").is_file() or (
@@ -208,11 +246,11 @@ def _load_tokenizer(path: Path):
     return tokenizer
 
 
-def _load_feature_extractor(path: Path, layout: str):
+def _load_feature_extractor(path: Path, layout: str) -> Qwen3ASRFeatureExtractor:
     from transformers import Qwen3ASRFeatureExtractor
 
     # The original layout names Whisper's extractor; transformers' converter replaces it by the
     # default Qwen3-ASR one (same mel settings, plus the 0.5 s minimum length), and so do we.
     if layout == "hf" and (path / "preprocessor_config.json").is_file():
         return Qwen3ASRFeatureExtractor.from_pretrained(path)
-    return Qwen3ASRFeatureExtractor()
+    return Qwen3ASRFeatureExtractor()  # type: ignore[no-untyped-call]  # its __init__ is unannotated

@@ -8,30 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._audio import SAMPLE_RATE
+from asrlive._audio import SAMPLE_RATE
+
 from ._model import AsrModel
-from ._prompt import build_prompt, normalize_language, parse_answer
+from ._options import DecodingOptions
+from ._prompt import build_prompt, parse_answer
 
 # Token budget when none is given: the language tag plus far more text than anyone speaks
 # (fast speech is ~5 tokens/s), so only a looping model ever reaches it.
 BASE_TOKENS = 16
 TOKENS_PER_SECOND = 12
 _QUIET_FRAME = 1_600  # 100 ms: the unit in which a cut point is searched
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    language: str | None = None  # None: detect; else a name or code ("English", "en")
-    context: str = ""  # free text for the system turn: hotwords, domain terms
-    max_new_tokens: int | None = None  # None: a budget proportional to the audio length
-    max_segment_seconds: float = 60.0  # longer audio is cut at its quietest points
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "language", normalize_language(self.language))
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.max_segment_seconds < 1:
-            raise ValueError("max_segment_seconds must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -64,10 +51,11 @@ def token_budget(seconds: float, options: DecodingOptions) -> int:
 def transcribe(
     model: AsrModel,
     audio: np.ndarray,
-    options: DecodingOptions = DecodingOptions(),
+    options: DecodingOptions | None = None,
     on_segment: Callable[[Segment], None] | None = None,
 ) -> Transcription:
     """Transcribe 16 kHz mono float32 audio; ``on_segment`` hears of each piece as it is done."""
+    options = options or DecodingOptions()
     prompt = build_prompt(model.tokenizer, options.context, options.language)
     segments = []
     for start, end in split_points(audio, int(options.max_segment_seconds * SAMPLE_RATE)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 from transformers.models.qwen3_asr.processing_qwen3_asr import LANGUAGE_CODE_TO_NAME
 
@@ -37,6 +38,12 @@ def normalize_language(language: str | None) -> str | None:
     return name
 
 
+class TextEncoder(Protocol):
+    """What the prompt needs of a tokenizer (transformers' tokenizers have it)."""
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
+
+
 @dataclass(frozen=True)
 class PromptIds:
     """Token ids before and after the audio pads."""
@@ -45,7 +52,7 @@ class PromptIds:
     suffix: list[int]  # <|audio_end|> .. assistant turn (+ forced language)
 
 
-def build_prompt(tokenizer, context: str, language: str | None) -> PromptIds:
+def build_prompt(tokenizer: TextEncoder, context: str, language: str | None) -> PromptIds:
     prefix = f"<|im_start|>system\n{context}<|im_end|>\n<|im_start|>user\n<|audio_start|>"
     suffix = "<|audio_end|><|im_end|>\n<|im_start|>assistant\n"
     if language is not None:
@@ -70,5 +77,5 @@ def parse_answer(decoded: str, forced_language: str | None) -> tuple[str | None,
     head = head.strip()
     language = head[len("language ") :].strip() if head.lower().startswith("language ") else head
     if language.lower() in ("", "none"):
-        language = None
+        return None, text.strip()
     return language, text.strip()

@@ -6,7 +6,12 @@ Compute does not depend on the weights' values, so these measure what the real c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import Qwen3ASRForConditionalGeneration
 
 SHAPES = {
     "0.6B": {
@@ -20,7 +25,7 @@ SHAPES = {
 }
 
 
-def random_network(size: str, dtype: torch.dtype, seed: int = 0):
+def random_network(size: str, dtype: torch.dtype, seed: int = 0) -> Qwen3ASRForConditionalGeneration:
     from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
 
     shape = SHAPES[size]
@@ -48,4 +53,8 @@ def random_network(size: str, dtype: torch.dtype, seed: int = 0):
         },
     )
     torch.manual_seed(seed)
-    return Qwen3ASRForConditionalGeneration(config).to(dtype).eval()
+    network = Qwen3ASRForConditionalGeneration(config)
+    # Module.to casts in place; transformers' @wraps-typed to() leaves self unbound in its stubs.
+    network.to(dtype)  # type: ignore[arg-type]
+    network.eval()  # type: ignore[no-untyped-call]  # transformers' eval() is unannotated; it returns the model
+    return network

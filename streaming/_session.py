@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from ._events import SAMPLE_RATE, Event, Final, Partial, SpeechStarted, SpeechStopped
 from ._text import stable_prefix
@@ -44,7 +45,7 @@ class Job:
     start: int
     end: int
     final: bool
-    audio: np.ndarray  # float32, 16 kHz mono, end - start samples
+    audio: npt.NDArray[np.float32]  # float32, 16 kHz mono, end - start samples
 
 
 class Session:
@@ -130,7 +131,7 @@ class Session:
         self._last_text[job.segment] = text
         return [Partial(job.segment, text, stable, text[len(stable) :], job.start, job.end, tuple(token_ids))]
 
-    def _apply(self, changes: list[Opened | Closed]) -> list[Event]:
+    def _apply(self, changes: Sequence[Opened | Closed]) -> list[Event]:
         events: list[Event] = []
         for change in changes:
             if isinstance(change, Opened):
@@ -143,7 +144,7 @@ class Session:
                 events.append(SpeechStopped(self._segment, end, change.reason))
         return events
 
-    def _slice(self, start: int, end: int) -> np.ndarray:
+    def _slice(self, start: int, end: int) -> npt.NDArray[np.float32]:
         return self._buffer[start - self._offset : end - self._offset]
 
     def _trim(self) -> None:

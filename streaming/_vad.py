@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import webrtcvad
 
 from ._events import SAMPLE_RATE, CloseReason
@@ -72,7 +73,7 @@ class Segmenter:
     def in_speech(self) -> bool:
         return self.start is not None
 
-    def frame(self, position: int, samples: np.ndarray) -> list[Opened | Closed]:
+    def frame(self, position: int, samples: npt.NDArray[np.float32]) -> list[Opened | Closed]:
         """Classify the frame that starts at ``position``; ``samples`` is float32 in [-1, 1]."""
         pcm16 = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
         voiced = self._vad.is_speech(pcm16, SAMPLE_RATE)
@@ -87,7 +88,7 @@ class Segmenter:
         if self._silent_frames >= self._end_frames:
             return [self._close(min(self._last_voiced_end + self._pad, end), "silence")]
         if end - self.start >= self._max:
-            cut = self._quietest_point()
+            cut = self._quietest_point(self.start)
             return [self._close(cut, "max_length"), self._open(cut)]
         return []
 
@@ -118,8 +119,9 @@ class Segmenter:
         self.start = None
         return Closed(end, reason)
 
-    def _quietest_point(self) -> int:
-        earliest = self.start + (2 * self._max) // 3
-        candidates = [(e, p) for p, e in self._energy if p >= earliest] or [(0.0, self.start + self._max)]
+    def _quietest_point(self, start: int) -> int:
+        """The quietest point of the last third of the utterance open at ``start``."""
+        earliest = start + (2 * self._max) // 3
+        candidates = [(e, p) for p, e in self._energy if p >= earliest] or [(0.0, start + self._max)]
         _, position = min(candidates)
         return position + FRAME // 2

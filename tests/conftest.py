@@ -14,6 +14,15 @@ from .checkpoints import FIXTURES, random_network, write_hf_checkpoint, write_or
 from .serving import GAP
 
 EOS = (151643, 151645)
+# A test that runs a model (the tiny checkpoints, transformers' reference) takes seconds: it is
+# `slow`, left out of the daily loop (`pytest -m "not slow"`) and run in CI.
+MODEL_FIXTURES = {"checkpoints", "load_model", "reference"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

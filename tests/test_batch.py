@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +21,15 @@ PROMPTS = [
 ]
 
 
+def _cache_argument(module: torch.nn.Module) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); older releases know only it."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _transformers_pass(model: AsrModel, embeds: torch.Tensor, cache: DynamicCache) -> int:
-    hidden = model.network.model.language_model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+    language_model = model.network.model.language_model
+    kwargs = {_cache_argument(language_model): cache}
+    hidden = language_model(inputs_embeds=embeds[None], use_cache=True, **kwargs)
     return int(model.network.lm_head(hidden.last_hidden_state[0, -1:]).argmax(-1)[0])
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from asrlive.clients import connect
+from asrlive.clients._loadtest import metric
 
 from .checkpoints import FIXTURES
 from .serving import CHUNK, TIMEOUT
@@ -37,7 +38,7 @@ class ServerProcess:
             line = raw.decode().rstrip()
             self.log.append(line)
             if "asrlive: listening on " in line and not self.url.done():
-                self.url.set_result(line.rsplit(" ", 1)[1])
+                self.url.set_result(line.split()[3])
 
     async def stop(self) -> int:
         if self.process.returncode is None:
@@ -45,6 +46,21 @@ class ServerProcess:
         code = await asyncio.wait_for(self.process.wait(), TIMEOUT)
         await asyncio.wait_for(self._reader, TIMEOUT)
         return code
+
+
+async def received_seconds(url: str) -> float:
+    seconds = await asyncio.to_thread(metric, url, "asrlive_audio_seconds_total")
+    return seconds or 0.0
+
+
+async def eventually_async(read, condition, timeout: float = TIMEOUT) -> None:
+    """Poll an async reading every 50 ms until ``condition`` holds, for at most ``timeout`` seconds."""
+
+    async def poll() -> None:
+        while not condition(await read()):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 async def start_server(model_dir, *options: str) -> ServerProcess:
@@ -69,13 +85,17 @@ async def test_sigterm_finishes_open_utterances(checkpoints, speech):
         incoming = aiter(stream)
         while not events or events[-1]["type"] != "speech_started":
             events.append(await asyncio.wait_for(anext(incoming), TIMEOUT))
-        await asyncio.sleep(0.3)  # let the frames in flight arrive
+        # Every frame has arrived once the server has counted 5 s of audio.
+        await eventually_async(lambda: received_seconds(server.url.result()), lambda seconds: seconds > 4.999)
         server.process.send_signal(signal.SIGTERM)
         events += [event async for event in incoming]
         close_code = stream.close_code
     assert await server.stop() == 0
     stopped = [e for e in events if e["type"] == "speech_stopped"]
-    assert [e["type"] for e in events][-2:] == ["final", "done"] and stopped[-1]["reason"] == "finish"
+    # Protocol §5: `lag` may come at any time, even between the last final and `done`.
+    kinds = [e["type"] for e in events if e["type"] != "lag"]
+    events = [e for e in events if e["type"] != "lag"]
+    assert kinds[-2:] == ["final", "done"] and stopped[-1]["reason"] == "finish"
     assert events[-1]["reason"] == "shutdown" and close_code == 1001
     assert events[-2]["end"] == stopped[-1]["end"] == pytest.approx(5.0, abs=0.05)
     assert any("shutting down: finishing 1 open sessions" in line for line in server.log)
@@ -86,7 +106,7 @@ async def test_loadtest_against_a_served_model(checkpoints):
     loadtest = await asyncio.create_subprocess_exec(
         *_asrlive(),
         "loadtest",
-        server.url.result(),
+        server.url.result().replace("ws://", "http://").replace("/v1/stream", "/"),  # the page's address works too
         "--sessions",
         "3",
         "--audio",
@@ -115,6 +135,9 @@ async def test_serve_reports_a_missing_model_and_a_busy_port(checkpoints, tmp_pa
     assert code == 2 and "cannot load the model" in err
     server = await start_server(checkpoints["hf"])
     port = server.url.result().split(":")[2].split("/")[0]
-    code, err = await run("--model", str(checkpoints["hf"]), "--port", port)
+    # The port is checked before the model loads: a missing model is not reached.
+    code, err = await run("--model", str(tmp_path / "nothing"), "--port", port)
     assert await server.stop() == 0
-    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert code == 2 and err == f"asrlive serve: cannot listen on 127.0.0.1:{port}: the port is in use\n"
+    listening = [line for line in server.log if "listening" in line]
+    assert listening == [f"asrlive: listening on {server.url.result()} (captions page: http://127.0.0.1:{port}/)"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import socket
 
@@ -15,7 +16,7 @@ import webvtt
 from asrlive.clients import LiveOptions, LiveStream, StreamFailed, Transcript, connect
 from asrlive.clients._live import AudioBuffer
 from asrlive.clients._sources import MicrophoneError, file_chunks
-from asrlive.clients._transcript import timestamp
+from asrlive.clients._transcript import split_cues, timestamp
 from asrlive.engine import SAMPLE_RATE, DecodingOptions
 
 from .serving import GAP, TIMEOUT, DroppingProxy, eventually, offline_token_ids, running_server, stream_audio
@@ -68,12 +69,15 @@ def _assert_files_parse(transcript: Transcript, finals: list[dict], tmp_path) ->
     for suffix in (".txt", ".srt", ".vtt", ".jsonl"):
         transcript.write(tmp_path / f"out{suffix}")
     assert (tmp_path / "out.txt").read_text().splitlines() == [" ".join(f["text"].split()) for f in spoken]
+    # Subtitles: each final in cues short enough to read (clients/_transcript.split_cues).
+    expected = [cue for f in spoken for cue in split_cues(f["text"], f["start"], f["end"])]
     cues = list(srt.parse((tmp_path / "out.srt").read_text()))
-    assert [c.content for c in cues] == [" ".join(f["text"].split()) for f in spoken]
-    assert [round(c.start.total_seconds(), 3) for c in cues] == [round(f["start"], 3) for f in spoken]
+    assert [c.content for c in cues] == ["\n".join(cue.lines) for cue in expected]
+    assert [round(c.start.total_seconds(), 3) for c in cues] == [round(cue.start, 3) for cue in expected]
+    assert cues[0].start.total_seconds() == pytest.approx(spoken[0]["start"], abs=1e-3)
     captions = webvtt.read(str(tmp_path / "out.vtt"))
-    assert [c.text for c in captions] == [" ".join(f["text"].split()) for f in spoken]
-    assert [c.start for c in captions] == [timestamp(f["start"], ".") for f in spoken]
+    assert [html.unescape(c.raw_text) for c in captions] == ["\n".join(cue.lines) for cue in expected]
+    assert [c.start for c in captions] == [timestamp(cue.start, ".") for cue in expected]
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["token_ids"] for r in records] == [f["token_ids"] for f in finals]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asrlive.clients._local import stream_audio
+from asrlive._local import stream_audio
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber, transcribe
 from asrlive.engine._offline import token_budget
 from asrlive.streaming import Final, Partial, Session, SessionOptions, VadOptions

@@ -9,6 +9,8 @@
 4. However the session ends (finish, bad input, idle timeout, length limit, server shutdown) the
    audio already received is transcribed to the last final before ``done`` and the close, except
    when the client has gone: then its state is simply dropped.
+5. A failure of the server's own code (here, in the transport, or in sending) is an
+   ``internal_error`` event and close code 1011, never the 1000 of a session that ended well.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -40,6 +43,7 @@ from asrlive.streaming import (
     Start,
     parse_message,
 )
+from asrlive.streaming._protocol import check_context_tokens
 
 from ._scheduler import Stream
 from ._transport import Incoming, Transport
@@ -79,9 +83,12 @@ class Connection:
         self._received = 0  # 16 kHz samples fed to the session
         self._arrival_positions: list[int] = []
         self._arrival_times: list[float] = []
-        self._receiving: asyncio.Future[Any] | None = None
+        self._receiving: asyncio.Future[Incoming] | None = None
         self._interrupted: str | None = None
-        self._failed = False
+        self._failed = False  # an internal_error event is out: the finals not yet sent are lost
+        self._send_failed = False
+        self._error_sent = False  # from then on only finals, the last speech_stopped and done go out
+        self._done_sent = False
         self.latency = (0.0, 0.0)  # (latency of the last result, when it was sent)
         self._last_lag_event = 0.0
 
@@ -90,19 +97,33 @@ class Connection:
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
         try:
-            try:
-                code, reason = await self._converse()
-            finally:
-                if self._stream is not None:
-                    self.server.scheduler.remove(self._stream)
+            code, reason = await self._converse_safely()
             await self._outbox.put(None)
             await asyncio.wait({sender}, timeout=self.options.close_timeout_s)
+            if self._send_failed:  # events were lost after the ending was decided
+                code, reason = CloseCode.INTERNAL_ERROR, "internal_error"
             await self.transport.close(code, reason)
         except ConnectionClosed:
             log.info("%s: client went away", self.id)
+        except Exception:  # even closing failed: at least say so with the close code
+            log.exception("%s: closing failed", self.id)
+            with contextlib.suppress(Exception):
+                await self.ws.close(CloseCode.INTERNAL_ERROR, "internal_error")
         finally:
             sender.cancel()
             await self.transport.release()
+
+    async def _converse_safely(self) -> tuple[int, str]:
+        try:
+            return await self._converse()
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            log.exception("%s: the connection handler failed", self.id)
+            return self._crashed(exc)
+        finally:
+            if self._stream is not None:
+                self.server.scheduler.remove(self._stream)
 
     def interrupt(self, reason: str) -> None:
         """Stop receiving and wind the session down (``shutdown``, or ``internal_error``)."""
@@ -120,13 +141,20 @@ class Connection:
             return refusal.close_code, refusal.code
         try:
             start = await self._receive_start()
-            self._open(start, await self.transport.open(start))
+            language = self._check_start(start)  # before the transport opens: no WebRTC answer for a bad start
+            self._open(start, language, await self.transport.open(start))
+            if self.transport.sends_ready_before_reading:
+                await self._flushed()
             ending: str | ProtocolError = await self._receive_audio()
         except ProtocolError as error:
             ending = error
         except Interrupted as interruption:
             ending = interruption.reason
         self.transport.stop_receiving()
+        if self._stream is not None and not self._failed:
+            # The resampler's tail, before any error event: it may still open an utterance, and
+            # after an error no speech_started may come (protocol section 5).
+            self._feed(self.transport.flush())
         if isinstance(ending, ProtocolError):
             self.server.metrics.errors.labels(ending.code).inc()
             self._send(ending.to_json())
@@ -136,16 +164,29 @@ class Connection:
         if self._stream is None:  # nothing was started
             if isinstance(ending, ProtocolError):
                 return ending.close_code, ending.code
-            return CloseCode.GOING_AWAY, ending
+            return _CLOSE_CODES[ending], ending
         if not self._failed:
             await self._drain()
         if self._failed:  # the engine failed this stream (perhaps while draining): that is the ending
             ending = "internal_error"
         reason = ending.code if isinstance(ending, ProtocolError) else ending
+        self._send_done(reason)
+        return (ending.close_code if isinstance(ending, ProtocolError) else _CLOSE_CODES[reason]), reason
+
+    def _crashed(self, error: Exception) -> tuple[int, str]:
+        """The ending of a session whose handler failed unexpectedly: ``internal_error``, then
+        ``done`` if it had started, and 1011. Its state may be inconsistent, so nothing is drained."""
+        self.transport.stop_receiving()
+        self._fail(error, "the server failed")
+        if self._stream is not None:
+            self._send_done("internal_error")
+        return CloseCode.INTERNAL_ERROR, "internal_error"
+
+    def _send_done(self, reason: str) -> None:
+        assert self._stream is not None
         seconds = self.transport.seconds
         segments = self._stream.session.segments
         self._send({"type": "done", "reason": reason, "audio_seconds": seconds, "segments": segments})
-        return (ending.close_code if isinstance(ending, ProtocolError) else _CLOSE_CODES[reason]), reason
 
     async def _drain(self) -> None:
         """Every utterance heard so far gets its final, however long the engine's queue is.
@@ -154,8 +195,10 @@ class Connection:
         overload the finals come late, but they come.
         """
         assert self._stream is not None
-        self._feed(self.transport.flush())
-        self._send_events(self._stream.session.finish())
+        # The utterance the ending cuts short closes: its speech_stopped (reason finish) is the one
+        # event besides finals that may follow an error, so it bypasses _send_events' filter.
+        for event in self._stream.session.finish():
+            self._send(event.to_json())
         scheduler = self.server.scheduler
         scheduler.wake()
         waiting_since = time.monotonic()
@@ -171,13 +214,12 @@ class Connection:
     # -- receiving -------------------------------------------------------------------------------
 
     async def _receive(self) -> Incoming:
-        if self._interrupted is not None:
-            raise Interrupted(self._interrupted)
+        self._raise_if_interrupted()
         self._receiving = asyncio.ensure_future(asyncio.wait_for(self.transport.receive(), self.options.idle_timeout_s))
         try:
             return await self._receiving
         except asyncio.CancelledError:
-            if self._interrupted is None or (asyncio.current_task() or self._receiving).cancelling():
+            if self._interrupted is None or _being_cancelled():
                 raise
             raise Interrupted(self._interrupted) from None
         except TimeoutError:
@@ -186,6 +228,12 @@ class Connection:
             ) from None
         finally:
             self._receiving = None
+
+    def _raise_if_interrupted(self) -> None:
+        # A method of its own: inline, type checkers would take _interrupted for None after it,
+        # across the await in _receive that lets interrupt() set it.
+        if self._interrupted is not None:
+            raise Interrupted(self._interrupted)
 
     async def _receive_start(self) -> Start:
         message = await self._receive()
@@ -209,11 +257,17 @@ class Connection:
 
     # -- the session -----------------------------------------------------------------------------
 
-    def _open(self, start: Start, transport_fields: dict[str, Any]) -> None:
+    def _check_start(self, start: Start) -> str | None:
+        """What only the model can check of a start: the language's name for it (None: detect),
+        and a context free of its control tokens; else ``bad_start``."""
         try:
             language = normalize_language(start.language) if start.language else None
         except ValueError as exc:
             raise ProtocolError("bad_start", str(exc)) from None
+        check_context_tokens(start.context, self.server.model.tokenizer.get_added_vocab())
+        return language
+
+    def _open(self, start: Start, language: str | None, transport_fields: dict[str, Any]) -> None:
         interval = start.partial_interval_ms or self.options.session.partial_interval_ms
         session = Session(replace(self.options.session, partials=start.partials, partial_interval_ms=interval))
         decoding = replace(self.options.decoding, language=language, context=start.context)
@@ -238,7 +292,7 @@ class Connection:
             }
         )
 
-    def _feed(self, pcm) -> None:
+    def _feed(self, pcm: np.ndarray) -> None:
         if not pcm.size:
             return
         assert self._stream is not None
@@ -273,9 +327,15 @@ class Connection:
             self._send({"type": "lag", "seconds": round(latency, 3), "pending_finals": pending})
 
     def on_failure(self, error: BaseException) -> None:
+        self._fail(error, "transcription failed")
+
+    def _fail(self, error: BaseException, what: str) -> None:
+        """``internal_error`` (once): the event, and the session winds down without its finals."""
+        if self._failed:
+            return
         self._failed = True
         self.server.metrics.errors.labels("internal_error").inc()
-        self._send(ProtocolError("internal_error", f"transcription failed: {type(error).__name__}").to_json())
+        self._send(ProtocolError("internal_error", f"{what}: {type(error).__name__}").to_json())
         if self._stream is not None:
             self._stream.drained.set()  # nothing more will come; do not wait for it
         self.interrupt("internal_error")
@@ -284,17 +344,56 @@ class Connection:
 
     def _send_events(self, events: list[Event]) -> None:
         for event in events:
-            self._send(event.to_json())
+            # After an error only finals are still promised (protocol section 5). A partial computed
+            # before the error may complete after it, and audio received as an inference failure
+            # is reported may still be segmented: the session is ending, so neither is news.
+            # (The speech_stopped that closes the last utterance is sent by _drain.)
+            if not self._error_sent or isinstance(event, Final):
+                self._send(event.to_json())
 
     def _send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if self._done_sent or (self._error_sent and kind == "lag"):
+            return  # done is the last message; after an error, lag is no news: the session is ending
+        self._error_sent |= kind == "error"
+        self._done_sent |= kind == "done"
         self._outbox.put_nowait(json.dumps(message, ensure_ascii=False))
 
+    async def _flushed(self) -> None:
+        """Wait (at most ``close_timeout_s``) until everything queued so far has been sent.
+
+        The WebSocket layer may close the connection while the server reads the next message
+        (1007: not UTF-8); ``ready`` goes out first, so a client knows its start was accepted.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox.join(), self.options.close_timeout_s)
+
     async def _send_loop(self) -> None:
-        while (text := await self._outbox.get()) is not None:
+        gone = False
+        while True:
+            text = await self._outbox.get()
             try:
-                await self.transport.send(text)
+                if text is None:
+                    return
+                if not gone:
+                    await self.transport.send(text)
             except ConnectionClosed:
-                return
+                gone = True  # what is still queued is dropped, but counted as handled for _flushed
+            except Exception as exc:  # the server's fault, not the client's
+                log.exception("%s: sending failed", self.id)
+                self._send_failed = True
+                self._fail(exc, "sending failed")
+            finally:
+                self._outbox.task_done()
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled, not just what it awaited.
+
+    Python 3.10 cannot tell (Task.cancelling() is 3.11+): it assumes not.
+    """
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and bool(cancelling() > 0)
 
 
 def authorized(ws: ServerConnection, token: str | None) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import av
 import numpy as np
@@ -25,11 +25,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.streaming import SAMPLE_RATE, ProtocolError, Start, decode_message, parse_start
+from asrlive.streaming._protocol import check_text, quote
 
 from ._transport import Incoming, Transport
 
 if TYPE_CHECKING:
-    from ._server import ServerOptions
+    from ._options import ServerOptions
 
 log = logging.getLogger("asrlive.server")
 
@@ -52,8 +53,9 @@ def parse_rtc_start(text: str) -> tuple[Start, str]:
     sdp = message.pop("sdp", None)
     if not isinstance(sdp, str) or not sdp.strip():
         raise ProtocolError("bad_start", 'start needs "sdp": the SDP offer of the client\'s peer connection')
-    if len(sdp) > MAX_SDP_CHARS:
-        raise ProtocolError("bad_sdp", f"the offer is longer than {MAX_SDP_CHARS} characters")
+    # An SDP is lines of text (CRLF): a lone surrogate or a NUL is no offer, and aiortc should not
+    # be the one to find out.
+    check_text(sdp, "the offer", MAX_SDP_CHARS, "bad_sdp", multiline=True)
     return parse_start(message), sdp
 
 
@@ -65,11 +67,16 @@ def to_mono(frame: av.AudioFrame) -> np.ndarray:
     pcm = samples.astype(np.float32)
     if data.dtype.kind == "i":
         pcm /= float(2 ** (8 * data.dtype.itemsize - 1))
-    return pcm.mean(axis=0) if channels > 1 else pcm[0]
+    mono: np.ndarray = pcm.mean(axis=0) if channels > 1 else pcm[0]
+    return mono
 
 
 class RtcTransport(Transport):
     """One browser peer connection; ``peers`` is the server's set of open ones."""
+
+    # ready waits for the data channel, which may take a while; the WebSocket is read by its own
+    # task all along, so nothing would be gained by holding back the session's reads meanwhile.
+    sends_ready_before_reading = False
 
     def __init__(self, ws: ServerConnection, options: ServerOptions, peers: set[RTCPeerConnection]) -> None:
         super().__init__(ws, options)
@@ -111,7 +118,9 @@ class RtcTransport(Transport):
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:  # aiortc raises many types for offers it cannot parse or apply
             log.debug("bad offer", exc_info=True)
-            raise ProtocolError("bad_sdp", f"the offer cannot be used: {type(exc).__name__}: {exc}") from None
+            # aiortc's messages may quote the offer: cut to a readable length.
+            reason = quote(f"{type(exc).__name__}: {exc}", 200)
+            raise ProtocolError("bad_sdp", f"the offer cannot be used: {reason}") from None
         audio = [track for track in tracks if track.kind == "audio"]
         if not audio or pc.sctp is None:
             raise ProtocolError("bad_sdp", "the offer needs an audio track (sendonly or sendrecv) and a data channel")
@@ -133,7 +142,7 @@ class RtcTransport(Transport):
     async def _read_track(self, track: MediaStreamTrack) -> None:
         try:
             while True:
-                frame = await track.recv()
+                frame = cast(av.AudioFrame, await track.recv())  # an audio track's frames
                 if not self._stopped.is_set():
                     self._items.put_nowait(self._convert(frame))
         except MediaStreamError:
@@ -164,11 +173,15 @@ class RtcTransport(Transport):
         elif frame.sample_rate != self._rate:
             raise ProtocolError("bad_audio", f"the track's rate changed from {self._rate} to {frame.sample_rate} Hz")
         self._samples_in += pcm.size
-        return self._resampler.resample_chunk(pcm)
+        resampled: np.ndarray = self._resampler.resample_chunk(pcm)
+        return resampled
 
     async def receive(self) -> Incoming:
         if not self._started:  # before start, only the WebSocket is there
-            return await self.ws.recv()
+            message = await self.ws.recv()
+            if isinstance(message, bytes):
+                raise ProtocolError("not_started", 'send a "start" message before any audio')
+            return message
         item = await self._items.get()
         if isinstance(item, BaseException):
             raise item
@@ -177,7 +190,8 @@ class RtcTransport(Transport):
     def flush(self) -> np.ndarray:
         if self._resampler is None:
             return np.zeros(0, dtype=np.float32)
-        return self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        tail: np.ndarray = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        return tail
 
     @property
     def seconds(self) -> float:

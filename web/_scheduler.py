@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber, run_batch
 from asrlive.streaming import SAMPLE_RATE, Event, Job, Session
 
 from ._metrics import Metrics
+
+if TYPE_CHECKING:
+    from asrlive.engine._model import Steps
 
 log = logging.getLogger("asrlive.server")
 
@@ -135,7 +138,7 @@ class Scheduler:
     def _infer(self, batch: list[tuple[Stream, Job]]) -> list[Any]:
         return run_batch(self.model, [self._computation(stream, job) for stream, job in batch])
 
-    def _computation(self, stream: Stream, job: Job):
+    def _computation(self, stream: Stream, job: Job) -> Steps[Hypothesis]:
         if stream.transcriber is None:
             stream.transcriber = self._make(self.model, stream.decoding)
         hypothesis: Hypothesis = yield from stream.transcriber.transcribe_steps(job.segment, job.audio, job.final)

@@ -7,9 +7,8 @@ import asyncio
 import http
 import json
 import logging
-import ssl
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from importlib import resources
 from urllib.parse import urlsplit
 
@@ -20,19 +19,18 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from asrlive import __version__
-from asrlive.engine import LANGUAGES, AsrModel, DecodingOptions
-from asrlive.streaming import PROTOCOL_VERSION, ProtocolError, SessionOptions
+from asrlive.engine import LANGUAGES, AsrModel
+from asrlive.streaming import PROTOCOL_VERSION, ProtocolError
 
 from ._connection import Connection, authorized
 from ._metrics import WINDOW_S, Metrics
+from ._options import RTC_PATH, STREAM_PATH, ServerOptions
 from ._rtc import RtcTransport
 from ._scheduler import Scheduler, TranscriberFactory
 from ._transport import Transport, WebSocketTransport
 
 log = logging.getLogger("asrlive.server")
 
-STREAM_PATH = "/v1/stream"
-RTC_PATH = "/v1/rtc"
 LANGUAGES_PATH = "/v1/languages"
 PAGE_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -40,47 +38,6 @@ PAGE_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
 }
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    host: str = "127.0.0.1"
-    port: int = 8765  # 0: any free port (see AsrServer.port)
-    max_sessions: int = 16
-    max_batch: int = 8  # streams per inference batch
-    max_frame_bytes: int = 256 * 1024
-    idle_timeout_s: float = 30.0
-    max_session_s: float = 4 * 3600.0
-    max_lag_s: float = 3.0  # refuse new sessions while an open one's results are this late; 0: never
-    lag_warning_s: float = 2.0  # tell a client when its results are this late
-    token: str | None = None
-    certfile: str | None = None  # with keyfile: TLS (wss://, https://): browsers need it for a mic off localhost
-    keyfile: str | None = None
-    drain_timeout_s: float = 60.0  # at a session's end, how long the engine may stall before finals are given up
-    close_timeout_s: float = 10.0
-    session: SessionOptions = field(default_factory=SessionOptions)
-    decoding: DecodingOptions = field(default_factory=DecodingOptions)
-
-    def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_batch", "max_frame_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        for name in ("idle_timeout_s", "max_session_s", "drain_timeout_s", "close_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if (self.certfile is None) != (self.keyfile is None):
-            raise ValueError("certfile and keyfile go together")
-        self.tls_context()  # a missing or bad certificate is reported now, not at the first connection
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if self.certfile is None or self.keyfile is None:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.certfile, self.keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load the TLS certificate {self.certfile} / key {self.keyfile}: {exc}") from None
-        return context
 
 
 class AsrServer:
@@ -123,12 +80,13 @@ class AsrServer:
             close_timeout=self.options.close_timeout_s,
             ssl=self.options.tls_context(),
         )
-        log.info("listening on %s", self.url)
+        log.debug("listening on %s", self.url)  # the command line prints it, once
 
     @property
     def port(self) -> int:
         assert self._server is not None, "start() first"
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def url(self) -> str:
@@ -165,7 +123,7 @@ class AsrServer:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
 
     # -- connections -----------------------------------------------------------------------------
@@ -277,7 +235,7 @@ def file_response(body: bytes, content_type: str) -> Response:
     return Response(http.HTTPStatus.OK, http.HTTPStatus.OK.phrase, headers, body)
 
 
-async def run_server(server: AsrServer, ready=None) -> None:
+async def run_server(server: AsrServer, ready: Callable[[AsrServer], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     import signal
 

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from asrlive.streaming import AudioDecoder, ProtocolError, Start, parse_message
 
 if TYPE_CHECKING:
-    from ._server import ServerOptions
+    from ._options import ServerOptions
 
 Incoming = str | np.ndarray  # a text control message, or audio at 16 kHz
 
@@ -27,6 +27,10 @@ Incoming = str | np.ndarray  # a text control message, or audio at 16 kHz
 class Transport(ABC):
     """One client's channels. ``ws`` is the WebSocket the session was opened on (admission reads
     the token from its request); ``receive`` raises ``ConnectionClosed`` once the client is gone."""
+
+    # Whether the connection sends ``ready`` before it reads past ``start``: true where reading is
+    # reading the WebSocket, whose layer may close the connection at a read (1007, invalid UTF-8).
+    sends_ready_before_reading = True
 
     def __init__(self, ws: ServerConnection, options: ServerOptions) -> None:
         self.ws = ws
@@ -59,7 +63,11 @@ class Transport(ABC):
         await self.ws.send(text)
 
     def stop_receiving(self) -> None:
-        """Read and drop whatever the client still sends: unread frames would stall the closing handshake."""
+        """Read and drop whatever the client still sends: unread frames would stall the closing handshake.
+
+        Idempotent: a second reader of the WebSocket would fail (websockets allows one)."""
+        if self._discarding is not None:
+            return
 
         async def discard() -> None:
             try:

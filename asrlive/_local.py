@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from asrlive.engine import SAMPLE_RATE, StreamTranscriber
+from asrlive._audio import SAMPLE_RATE
+from asrlive.engine import StreamTranscriber
 from asrlive.streaming import Event, Session
 
 CHUNK = SAMPLE_RATE // 10  # 100 ms, what a microphone callback typically delivers

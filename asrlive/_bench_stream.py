@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +51,19 @@ def target_tokens(seconds: float) -> int:
 
 
 class _NoText:
-    """Random weights write no language: only token counts matter, so nothing is detokenized."""
+    """Random weights write no language: only token counts matter, so nothing is detokenized.
+
+    The prompt is given as ids (``PROMPT``) and no server checks contexts against the vocabulary.
+    """
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        raise NotImplementedError("the bench gives its prompt as token ids")
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return ""
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {}
 
 
 class ScriptedDecoder(UtteranceDecoder):
@@ -87,7 +96,8 @@ class JobTiming:
 def bench_model(size: str, dtype: torch.dtype) -> AsrModel:
     network = random_network(size, dtype)
     info = ModelInfo(f"random-{size}", Path("."), "hf", dtype)
-    return AsrModel(network, _NoText(), Qwen3ASRFeatureExtractor(), info)
+    extractor = Qwen3ASRFeatureExtractor()  # type: ignore[no-untyped-call]  # its __init__ is unannotated
+    return AsrModel(network, _NoText(), extractor, info)
 
 
 def looped_speech(duration_s: float, audio: Path | None) -> np.ndarray:
@@ -103,7 +113,9 @@ def looped_speech(duration_s: float, audio: Path | None) -> np.ndarray:
     return np.tile(once, repeats)[: int(duration_s * SAMPLE_RATE)]
 
 
-def run_asrlive(model: AsrModel, audio: np.ndarray, interval_ms: int, progress) -> list[JobTiming]:
+def run_asrlive(
+    model: AsrModel, audio: np.ndarray, interval_ms: int, progress: Callable[[float], None]
+) -> list[JobTiming]:
     """Stream ``audio`` as fast as possible; time every job the session hands out."""
     session = Session(SessionOptions(partial_interval_ms=interval_ms))
     transcriber = ScriptedTranscriber(model, DecodingOptions(language="English"), PROMPT)
@@ -136,14 +148,19 @@ def official_update(model: AsrModel, audio: np.ndarray, position_s: float) -> fl
     return time.perf_counter() - started
 
 
-def cost_at(timings: list[JobTiming], position: float) -> float:
+def cost_at(timings: Sequence[JobTiming], position: float) -> float:
     near = [t.seconds for t in timings if not t.final and abs(t.end_s - position) <= WINDOW_S]
     return float(np.mean(near)) if near else float("nan")
 
 
 def report(
-    size: str, dtype: torch.dtype, duration: float, timings, official: dict[float, float | None], interval_ms: int
-):
+    size: str,
+    dtype: torch.dtype,
+    duration: float,
+    timings: Sequence[JobTiming],
+    official: dict[float, float | None],
+    interval_ms: int,
+) -> str:
     compute = sum(t.seconds for t in timings)
     partials = [t for t in timings if not t.final]
     finals = [t for t in timings if t.final]
@@ -178,7 +195,15 @@ def report(
     return "\n".join(lines)
 
 
-def bench_stream(sizes, dtype: torch.dtype, duration: float, interval_ms: int, positions, audio_path, official: bool):
+def bench_stream(
+    sizes: Iterable[str],
+    dtype: torch.dtype,
+    duration: float,
+    interval_ms: int,
+    positions: Iterable[float],
+    audio_path: Path | None,
+    official: bool,
+) -> None:
     audio = looped_speech(duration, audio_path)
     for size in sizes:
         print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
@@ -193,9 +218,9 @@ def bench_stream(sizes, dtype: torch.dtype, duration: float, interval_ms: int, p
         print(report(size, dtype, duration, timings, measured, interval_ms), flush=True)
 
 
-def _progress(label: str, total: float):
+def _progress(label: str, total: float) -> Callable[[float], None]:
     marks = iter(range(30, int(total) + 30, 30))
-    mark = next(marks)
+    mark: float = next(marks)
 
     def show(position: float) -> None:
         nonlocal mark

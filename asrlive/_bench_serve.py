@@ -10,35 +10,51 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from asrlive.engine import SAMPLE_RATE
+from asrlive._audio import SAMPLE_RATE
+from asrlive._bench_stream import PROMPT, ScriptedTranscriber, bench_model, looped_speech
+from asrlive.clients._loadtest import LoadReport, run_load
 from asrlive.web import AsrServer, ServerOptions
 
-from ._bench import PROMPT, ScriptedTranscriber, bench_model, looped_speech
-from ._loadtest import LoadReport, run_load
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from asrlive.engine import AsrModel, DecodingOptions
 
 
-def _transcriber(model, decoding):
+def _transcriber(model: AsrModel, decoding: DecodingOptions) -> ScriptedTranscriber:
     return ScriptedTranscriber(model, decoding, PROMPT)
 
 
-async def _measure(model, max_batch: int, sessions: int, clips, interval_ms: int) -> LoadReport:
+async def _measure(
+    model: AsrModel, max_batch: int, sessions: int, clips: list[np.ndarray], interval_ms: int
+) -> LoadReport:
     options = ServerOptions(port=0, max_batch=max_batch, max_sessions=sessions, max_lag_s=0)
     async with AsrServer(model, options, _transcriber) as server:
         return await run_load(server.url, clips, sessions, partial_interval_ms=interval_ms)
 
 
-def _clips(duration: float, sessions: int, audio_path) -> list[np.ndarray]:
+def _clips(duration: float, sessions: int, audio_path: Path | None) -> list[np.ndarray]:
     """One clip per session, each starting elsewhere in the looped speech."""
     speech = looped_speech(duration * 2, audio_path)
     size = int(duration * SAMPLE_RATE)
     return [np.roll(speech, -i * 7 * SAMPLE_RATE)[:size] for i in range(sessions)]
 
 
-def bench_serve(size: str, dtype: torch.dtype, counts, batches, duration: float, interval_ms: int, audio_path) -> None:
+def bench_serve(
+    size: str,
+    dtype: torch.dtype,
+    counts: Sequence[int],
+    batches: Sequence[int],
+    duration: float,
+    interval_ms: int,
+    audio_path: Path | None,
+) -> None:
     print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
     model = bench_model(size, dtype)
     packed = max(batches) >= 4 and model.pack_weights()
@@ -66,7 +82,7 @@ def bench_serve(size: str, dtype: torch.dtype, counts, batches, duration: float,
 
 
 def _row(max_batch: int, sessions: int, report: LoadReport) -> str:
-    def p(values, q):
+    def p(values: tuple[float, ...], q: float) -> str:
         return f"{np.percentile(values, q):.2f}" if values else "n/a"
 
     rate = len(report.partial_latencies) / max(report.audio_seconds, 1e-9)

@@ -1,0 +1,133 @@
+"""What every subcommand shares: exit codes, model options, checks made before anything loads.
+
+Exit codes, the same in every command: 0 done; 1 it ran but part of the work failed (a file among
+several, a stream that lost its server, a load test with errors); 2 nothing could be done (bad
+arguments, a missing or unreadable input, an output that cannot be written, a model that cannot
+be loaded, a port in use, missing dependencies); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from asrlive.engine import DEFAULT_MODEL, DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from asrlive.engine import AsrModel
+
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# What `asrlive serve`, `transcribe` and `bench` need beyond a client install (`asrlive[server]`).
+SERVER_MODULES = ("torch", "transformers", "safetensors", "aiortc", "prometheus_client")
+
+
+# The options' messages name their fields; a person typed flags.
+FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "max_segment_seconds": "--max-segment-seconds",
+    "partial_interval_ms": "--partial-interval-ms",
+    "vad aggressiveness": "--vad-aggressiveness",
+    "end_silence_ms": "--end-silence-ms",
+    "max_utterance_s": "--max-utterance-seconds",
+    "max_sessions": "--max-sessions",
+    "max_batch": "--max-batch",
+    "max_frame_bytes": "--max-frame-bytes",
+    "idle_timeout_s": "--idle-timeout",
+    "max_session_s": "--max-session-seconds",
+    "certfile and keyfile": "--certfile and --keyfile",
+}
+_FIELDS = re.compile(r"\b(" + "|".join(map(re.escape, FLAGS)) + r")\b")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, found before any work: exit status 2."""
+
+
+def invalid_options(exc: ValueError) -> UsageError:
+    """An options dataclass refused a value: the same message, in the flags' names."""
+    return UsageError(_FIELDS.sub(lambda match: FLAGS[match[1]], str(exc)))
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face id or local checkpoint directory (default: {DEFAULT_MODEL})",
+    )
+    add_dtype_option(parser, "bfloat16 where the hardware computes in it, else float32")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help=f"weights and activations (default: {default_help})",
+    )
+
+
+def require_server_extra() -> None:
+    """The model and server dependencies are an extra: say how to get them instead of an ImportError."""
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(
+            f"this command runs the model and needs {', '.join(missing)}, which a client-only install lacks.\n"
+            "Install the server extra: pip install 'asrlive[server]' (see the README for the CPU-only torch)."
+        )
+
+
+def check_input_file(path: str) -> None:
+    """A missing path, a directory or an unreadable file is reported before any model loads."""
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{path}: is a directory, not an audio file")
+    if not file.exists():
+        raise UsageError(f"{path}: no such file")
+    if not os.access(file, os.R_OK):
+        raise UsageError(f"{path}: permission denied")
+
+
+def check_output_file(path: Path) -> None:
+    """An output that cannot be written is reported now, not after minutes of transcription."""
+    if path.is_dir():
+        raise UsageError(f"--output {path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"--output {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--output {path}: permission denied")
+
+
+def warn(command: str, message: str) -> None:
+    print(f"asrlive {command}: {message}", file=sys.stderr, flush=True)
+
+
+def load_model(model: str, dtype: str) -> AsrModel:
+    """Load the model for a command: a checkpoint that cannot be had is a usage error (exit 2)."""
+    quiet_libraries()
+    from asrlive.engine import AsrModel, ModelLoadError
+
+    try:
+        return AsrModel.load(model, dtype)
+    except ModelLoadError as exc:
+        raise UsageError(f"cannot load the model.\n{exc}") from None
+
+
+def quiet_libraries() -> None:
+    """Library chatter says nothing to the user: warnings about generation flags of the checkpoint's
+    generation_config (never used: asrlive decodes greedily itself), and progress bars off a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # untyped in transformers
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

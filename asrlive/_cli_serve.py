@@ -1,0 +1,194 @@
+"""``asrlive serve`` (the streaming server) and ``asrlive loadtest`` (clients against one)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from asrlive._cli_common import (
+    EXIT_FAILED,
+    UsageError,
+    add_model_options,
+    check_input_file,
+    invalid_options,
+    load_model,
+    require_server_extra,
+)
+from asrlive.web import STREAM_PATH, ServerOptions
+
+if TYPE_CHECKING:
+    from asrlive._cli_common import Commands
+
+
+def add_commands(commands: Commands) -> None:
+    _add_serve(commands)
+    _add_loadtest(commands)
+
+
+def _add_serve(commands: Commands) -> None:
+    defaults = ServerOptions()
+    cmd = commands.add_parser(
+        "serve",
+        help="run the streaming WebSocket server",
+        description=f"Serve live transcription over WebSocket at ws://HOST:PORT{STREAM_PATH} and WebRTC "
+        "(signalled at /v1/rtc; protocol: docs/protocol.md), the live captions page at http://HOST:PORT/, "
+        "GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes every open utterance, then exits.",
+    )
+    add_model_options(cmd)
+    cmd.add_argument("--host", default=defaults.host, help="interface to listen on (default: %(default)s)")
+    cmd.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port (default: %(default)s)")
+    cmd.add_argument("--token", default=None, help="require this bearer token (header or ?token=)")
+    cmd.add_argument(
+        "--certfile",
+        default=None,
+        help="TLS certificate (PEM): serve https:// and wss://, which browsers need "
+        "for the microphone anywhere but localhost",
+    )
+    cmd.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
+    limits = cmd.add_argument_group("limits")
+    limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="(default: %(default)s)")
+    limits.add_argument(
+        "--max-batch", type=int, default=defaults.max_batch, help="streams per inference batch (default: %(default)s)"
+    )
+    limits.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes, help="(default: %(default)s)")
+    limits.add_argument(
+        "--idle-timeout", type=float, default=defaults.idle_timeout_s, help="seconds (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-session-seconds", type=float, default=defaults.max_session_s, help="of audio (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-lag",
+        type=float,
+        default=defaults.max_lag_s,
+        help="refuse new sessions while open ones get results this many seconds late; 0: never (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--partial-interval-ms",
+        type=int,
+        default=defaults.session.partial_interval_ms,
+        help="default audio between partials; clients may ask for another (default: %(default)s)",
+    )
+    cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cmd.set_defaults(run=_run_serve)
+
+
+def _server_options(args: argparse.Namespace) -> ServerOptions:
+    from asrlive.streaming import SessionOptions
+
+    try:
+        return ServerOptions(
+            host=args.host,
+            port=args.port,
+            token=args.token,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            max_sessions=args.max_sessions,
+            max_batch=args.max_batch,
+            max_frame_bytes=args.max_frame_bytes,
+            idle_timeout_s=args.idle_timeout,
+            max_session_s=args.max_session_seconds,
+            max_lag_s=args.max_lag,
+            session=SessionOptions(partial_interval_ms=args.partial_interval_ms),
+        )
+    except ValueError as exc:
+        raise invalid_options(exc) from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port in use is found before minutes of model loading, not after."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself will
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = "the port is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise UsageError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    require_server_extra()
+    options = _server_options(args)
+    _check_port_free(args.host, args.port)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # websockets logs its own "server listening" and every HTTP request: the server says it once.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
+    model = load_model(args.model, args.dtype)
+    if args.max_batch > 1 and model.pack_weights():
+        logging.getLogger("asrlive.server").info("MKL-packed weight copies kept for batched decoding")
+    from asrlive.web import AsrServer, run_server
+
+    server = AsrServer(model, options)
+
+    def ready(server: AsrServer) -> None:
+        print(f"asrlive: listening on {server.url} (captions page: {server.page_url})", file=sys.stderr, flush=True)
+
+    try:
+        asyncio.run(run_server(server, ready))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _add_loadtest(commands: Commands) -> None:
+    cmd = commands.add_parser(
+        "loadtest",
+        help="stream real speech from N concurrent clients",
+        description="N concurrent clients stream audio files in real time to a server; prints partial and final "
+        "latency (p50/p95), the server's real-time factor (from its /metrics) and errors.",
+    )
+    cmd.add_argument("url", metavar="URL", help=f"ws://HOST:PORT{STREAM_PATH}, or http://HOST:PORT as serve prints")
+    cmd.add_argument("--sessions", type=int, default=4, help="concurrent clients (default: %(default)s)")
+    cmd.add_argument("--audio", nargs="+", required=True, metavar="FILE", help="speech files, used round-robin")
+    cmd.add_argument("--token", default=None)
+    cmd.add_argument("--stagger", type=float, default=0.25, help="seconds between client starts (default: %(default)s)")
+    cmd.add_argument("--partial-interval-ms", type=int, default=None, help="(default: the server's)")
+    cmd.set_defaults(run=_run_loadtest)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from asrlive._audio import AudioError, load_audio
+    from asrlive.clients import stream_url
+    from asrlive.clients._loadtest import run_load
+
+    if args.sessions < 1:
+        raise UsageError("--sessions must be at least 1")
+    try:
+        url = stream_url(args.url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for path in args.audio:
+        check_input_file(path)
+    try:
+        clips = [load_audio(path) for path in args.audio]
+    except AudioError as exc:
+        raise UsageError(str(exc)) from None
+    seconds = max(clip.size for clip in clips) / 16_000
+    print(f"asrlive loadtest: {args.sessions} sessions, about {seconds:.0f} s ...", file=sys.stderr, flush=True)
+    report = asyncio.run(
+        run_load(
+            url,
+            clips,
+            args.sessions,
+            stagger_s=args.stagger,
+            token=args.token,
+            partial_interval_ms=args.partial_interval_ms,
+        )
+    )
+    print("\n".join(report.lines()), flush=True)
+    return EXIT_FAILED if report.errors else 0
