@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import soxr
@@ -136,9 +136,7 @@ def parse_message(text: str, started: bool = False) -> Start | Finish:
 def decode_message(text: str) -> dict[str, Any]:
     """A text message as a JSON object with a string ``type``, else ``bad_json`` or ``bad_message``."""
     try:
-        message = json.loads(
-            text, object_pairs_hook=_object, parse_int=_integer, parse_constant=_not_json, parse_float=float
-        )
+        message = json.loads(text, object_pairs_hook=_object, parse_int=_integer, parse_constant=_not_json)
     except _Unreadable as exc:
         raise ProtocolError("bad_message", str(exc)) from None
     except RecursionError:  # nested deeper than the interpreter's stack, far past MAX_JSON_DEPTH
@@ -178,7 +176,7 @@ def _integer(digits: str) -> int:
     return int(digits)
 
 
-def _not_json(constant: str) -> Any:
+def _not_json(constant: str) -> NoReturn:
     raise ValueError(f"{constant} is not JSON")  # Python's json reads NaN and Infinity; RFC 8259 does not
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import sys
@@ -99,6 +100,9 @@ async def test_sigterm_finishes_open_utterances(checkpoints, speech):
     assert events[-1]["reason"] == "shutdown" and close_code == 1001
     assert events[-2]["end"] == stopped[-1]["end"] == pytest.approx(5.0, abs=0.05)
     assert any("shutting down: finishing 1 open sessions" in line for line in server.log)
+    # One line per session at info level: who, language, audio, finals, how it ended.
+    session_line = r"asrlive.server: s\d+: 127\.0\.0\.1:\d+, language auto, 5\.0 s of audio, 1 finals, ended: shutdown$"
+    assert any(re.search(session_line, line) for line in server.log), server.log
 
 
 async def test_loadtest_against_a_served_model(checkpoints):

@@ -163,10 +163,11 @@ async def test_stream_command_prints_and_writes_the_servers_finals(load_model, d
         expected = await stream_audio(server.url, dialogue, language="English")
         command = [*_asrlive(), "stream", str(wav), "--server", server.url, "--language", "English"]
         out, err, code = await _run(*command, "--output", str(output))
-    spoken = [" ".join(f["text"].split()) for f in expected.of_type("final") if " ".join(f["text"].split())]
+    finals = [f for f in expected.of_type("final") if " ".join(f["text"].split())]
     assert code == 0, err
-    assert out.splitlines() == spoken
-    assert [caption.text for caption in webvtt.read(str(output))] == spoken
+    assert out.splitlines() == [" ".join(f["text"].split()) for f in finals]
+    cues = [cue for f in finals for cue in split_cues(f["text"], f["start"], f["end"])]
+    assert [html.unescape(c.raw_text) for c in webvtt.read(str(output))] == ["\n".join(cue.lines) for cue in cues]
 
 
 @pytest.mark.asyncio

@@ -63,7 +63,7 @@ _CLOSE_CODES = {
 
 
 class Interrupted(Exception):
-    """The server ended the session from outside: shutdown, or its inference failed."""
+    """The server ended the session from outside: shutdown, or a failure (inference, sending)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -89,6 +89,7 @@ class Connection:
         self._send_failed = False
         self._error_sent = False  # from then on only finals, the last speech_stopped and done go out
         self._done_sent = False
+        self._finals = 0
         self.latency = (0.0, 0.0)  # (latency of the last result, when it was sent)
         self._last_lag_event = 0.0
 
@@ -187,6 +188,15 @@ class Connection:
         seconds = self.transport.seconds
         segments = self._stream.session.segments
         self._send({"type": "done", "reason": reason, "audio_seconds": seconds, "segments": segments})
+        log.info(
+            "%s: %s, language %s, %.1f s of audio, %d finals, ended: %s",
+            self.id,
+            _peer(self.ws.remote_address),
+            self._stream.decoding.language or "auto",
+            seconds,
+            self._finals,
+            reason,
+        )
 
     async def _drain(self) -> None:
         """Every utterance heard so far gets its final, however long the engine's queue is.
@@ -230,8 +240,8 @@ class Connection:
             self._receiving = None
 
     def _raise_if_interrupted(self) -> None:
-        # A method of its own: inline, type checkers would take _interrupted for None after it,
-        # across the await in _receive that lets interrupt() set it.
+        # A method of its own, so that a type checker does not carry "_interrupted is None" past
+        # the await in _receive, during which interrupt() may set it.
         if self._interrupted is not None:
             raise Interrupted(self._interrupted)
 
@@ -357,6 +367,7 @@ class Connection:
             return  # done is the last message; after an error, lag is no news: the session is ending
         self._error_sent |= kind == "error"
         self._done_sent |= kind == "done"
+        self._finals += kind == "final"
         self._outbox.put_nowait(json.dumps(message, ensure_ascii=False))
 
     async def _flushed(self) -> None:
@@ -405,3 +416,10 @@ def authorized(ws: ServerConnection, token: str | None) -> bool:
     if not offered and ws.request is not None:
         offered = parse_qs(urlsplit(ws.request.path).query).get("token", [""])[0]
     return hmac.compare_digest(offered.encode(), token.encode())
+
+
+def _peer(address: Any) -> str:
+    """host:port of the client, as the socket has it (a tuple, or None behind some proxies)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return "unknown peer"
