@@ -38,4 +38,8 @@ def test_jsonl_needs_stream_and_stream_options_are_checked(checkpoints, capsys):
     assert main(["transcribe", "x.wav", "--format", "jsonl"]) == 2
     assert "--format jsonl needs --stream" in capsys.readouterr().err
     assert main(["transcribe", "x.wav", "--stream", "--partial-interval-ms", "10"]) == 2
-    assert "partial_interval_ms must be at least 100" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err == "asrlive transcribe: --partial-interval-ms must be at least 100\n"
+    )  # the flag's name
+    assert main(["transcribe", "x.wav", "--realtime"]) == 2  # a streaming flag without --stream is refused
+    assert capsys.readouterr().err == "asrlive transcribe: --realtime: only with --stream\n"
