@@ -98,8 +98,13 @@ def offline_token_ids(model, audio: np.ndarray, final: dict, options: DecodingOp
     return list(transcribe(model, piece, options).token_ids)
 
 
+class TextBytes(bytes):
+    """Bytes sent as a text frame as they are: a client that does not encode its text as UTF-8."""
+
+
 async def raw_session(url: str, messages: list, **kwargs) -> Result:
-    """Send raw messages (str or bytes) on a bare WebSocket; collect everything until the close."""
+    """Send raw messages (str, bytes, or TextBytes as a text frame) on a bare WebSocket; collect
+    everything until the close."""
     from websockets.asyncio.client import connect as ws_connect
     from websockets.exceptions import ConnectionClosed
 
@@ -107,7 +112,7 @@ async def raw_session(url: str, messages: list, **kwargs) -> Result:
     async with ws_connect(url, open_timeout=TIMEOUT, max_size=None, **kwargs) as ws:
         try:
             for message in messages:
-                await ws.send(message)
+                await ws.send(message, text=True if isinstance(message, TextBytes) else None)
             while True:
                 result.events.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
         except ConnectionClosed:

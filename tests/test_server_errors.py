@@ -21,6 +21,7 @@ from .serving import (
     GAP,
     TIMEOUT,
     Result,
+    TextBytes,
     delayed_transcriber,
     eventually,
     offline_token_ids,
@@ -35,26 +36,6 @@ pytestmark = pytest.mark.asyncio
 
 FINISH = json.dumps({"type": "finish"})
 DEEP = "[" * 5000 + "]" * 5000  # valid JSON, deeper than Python's json module can recurse
-
-
-class TextBytes(bytes):
-    """Bytes sent as a text frame as they are: a client that does not encode its text as UTF-8."""
-
-
-async def hostile_session(url: str, messages: list) -> Result:
-    """``raw_session`` that can also send ``TextBytes``; everything received until the close."""
-    result = Result()
-    async with ws_connect(url, open_timeout=TIMEOUT, max_size=None) as ws:
-        try:
-            for message in messages:
-                await ws.send(message, text=True if isinstance(message, TextBytes) else None)
-            while True:
-                result.events.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
-        except ConnectionClosed:
-            pass
-        await asyncio.wait_for(ws.wait_closed(), TIMEOUT)
-        result.close_code = ws.close_code
-    return result
 
 
 def after_error(result: Result) -> list[str]:
@@ -181,11 +162,9 @@ async def test_text_that_is_not_utf8_is_closed_by_the_websocket_layer(load_model
     """1007, with no event after it; a start before it is always answered first."""
     frames = [pcm16(speech["goforward"][i : i + 1600]) for i in range(0, 8000, 1600)]
     async with running_server(load_model("hf")) as server:
-        before = await hostile_session(server.url, [TextBytes(b'{"type": "start\xff"}')])
-        after = await hostile_session(server.url, [start_message(), TextBytes(b"\xc3\x28")])
-        later = await hostile_session(
-            server.url, [start_message(), *frames, TextBytes(b'{"type": "finish"}\xed\xa0\x80')]
-        )
+        before = await raw_session(server.url, [TextBytes(b'{"type": "start\xff"}')])
+        after = await raw_session(server.url, [start_message(), TextBytes(b"\xc3\x28")])
+        later = await raw_session(server.url, [start_message(), *frames, TextBytes(b'{"type": "finish"}\xed\xa0\x80')])
     assert before.types == [] and before.close_code == 1007
     assert after.types == ["ready"] and after.close_code == 1007
     assert later.types[0] == "ready" and not {"error", "done"} & set(later.types) and later.close_code == 1007
@@ -216,8 +195,8 @@ async def test_bad_clients_do_not_disturb_a_running_session(load_model, speech):
         bystander = asyncio.create_task(stream_audio(server.url, clip, pace=0.03, language="English"))
         for messages, _, _ in bad_inputs(speech).values():
             await raw_session(server.url, messages)
-        await hostile_session(server.url, [start_message(), TextBytes(b"\xff")])  # 1007
-        await hostile_session(server.url, [start_message(), bytes(4 * 64_000 + 1)])  # 1009
+        await raw_session(server.url, [start_message(), TextBytes(b"\xff")])  # 1007
+        await raw_session(server.url, [start_message(), bytes(4 * 64_000 + 1)])  # 1009
         async with ws_connect(server.url, open_timeout=TIMEOUT) as ws:  # vanishes mid-utterance
             await ws.send(start_message())
             await ws.send(pcm16(speech["two-cities"][: 4 * SAMPLE_RATE]))
