@@ -128,8 +128,9 @@ def to_model_rate(mono: np.ndarray, rate: int) -> np.ndarray:
     return resampled.astype(np.float32, copy=False)
 
 
-def _check_readable(path: str | Path) -> None:
-    """The same words as the command line's check_input_file, for callers that skip it."""
+def check_path(path: str | Path) -> None:
+    """A directory, a missing path or an unreadable file, named as such (the command line checks
+    every input with it before any model loads)."""
     file = Path(path)
     if file.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
@@ -137,6 +138,11 @@ def _check_readable(path: str | Path) -> None:
         raise AudioError(f"{path}: no such file")
     if not os.access(file, os.R_OK):
         raise AudioError(f"{path}: permission denied")
+
+
+def _check_readable(path: str | Path) -> None:
+    check_path(path)
+    file = Path(path)
     if file.is_file() and file.stat().st_size == 0:  # a pipe (/dev/stdin) has no size to go by
         raise AudioError(f"{path}: the file is empty")
 

@@ -88,13 +88,12 @@ def require_server_extra() -> None:
 
 def check_input_file(path: str) -> None:
     """A missing path, a directory or an unreadable file is reported before any model loads."""
-    file = Path(path)
-    if file.is_dir():
-        raise UsageError(f"{path}: is a directory, not an audio file")
-    if not file.exists():
-        raise UsageError(f"{path}: no such file")
-    if not os.access(file, os.R_OK):
-        raise UsageError(f"{path}: permission denied")
+    from asrlive._audio import AudioError, check_path
+
+    try:
+        check_path(path)
+    except AudioError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_output_file(path: Path) -> None:

@@ -183,7 +183,7 @@ class LiveStream:
             except InvalidStatus as exc:
                 if exc.response.status_code == 404:  # a server, but not this path: retrying cannot help
                     raise StreamFailed(
-                        f"{stream_url(options.url)} is not a streaming endpoint (HTTP 404); "
+                        f"{options.url} is not a streaming endpoint (HTTP 404); "
                         f"an asrlive server streams at ws://HOST:PORT{STREAM_PATH}"
                     ) from None
                 reason = f"cannot reach {options.url}: {exc}"

@@ -274,7 +274,7 @@ class Connection:
             language = normalize_language(start.language) if start.language else None
         except ValueError as exc:
             raise ProtocolError("bad_start", str(exc)) from None
-        check_context_tokens(start.context, self.server.model.tokenizer.get_added_vocab())
+        check_context_tokens(start.context, self.server.control_tokens)
         return language
 
     def _open(self, start: Start, language: str | None, transport_fields: dict[str, Any]) -> None:

@@ -50,6 +50,8 @@ class AsrServer:
     ) -> None:
         self.model = model
         self.model_name = model.info.name
+        # What a client's context may not spell (its control tokens): the tokenizer's, read once.
+        self.control_tokens = tuple(model.tokenizer.get_added_vocab())
         self.options = options
         self.metrics = Metrics()
         self.scheduler = Scheduler(model, self.metrics, options.max_batch, make_transcriber)
