@@ -53,11 +53,12 @@ def target_tokens(seconds: float) -> int:
 class _NoText:
     """Random weights write no language: only token counts matter, so nothing is detokenized.
 
-    The prompt is given as ids (``PROMPT``) and no server checks contexts against the vocabulary.
+    The prompt is given as ids (``PROMPT``), so nothing is ever encoded; with no added vocabulary
+    the bench's server has no control tokens to refuse in a context.
     """
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        raise NotImplementedError("the bench gives its prompt as token ids")
+        raise RuntimeError("the bench's tokenizer has no vocabulary: its prompt is given as token ids")
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return ""

@@ -21,15 +21,15 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 import numpy as np
-from wcwidth import wcswidth, wcwidth
 
 from ._transcript import Transcript
+from ._width import cluster_width, clusters, display_width
 
 _CLEAR = "\r\x1b[2K"
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 _METER_WIDTH = 8
 _REDRAW_INTERVAL_S = 0.1  # the meter alone redraws at most this often
-_ELLIPSIS, _ZWJ = "…", "\u200d"
+_ELLIPSIS = "…"
 
 # What a terminal would act on rather than print, from a server we need not trust: CSI (colours, cursor
 # moves, erasing; ESC [ or the C1 byte), the string commands (OSC: title, hyperlink, clipboard; DCS, SOS,
@@ -142,7 +142,7 @@ class Captions:
         cols = self.width() - 1  # the last column stays free: some terminals wrap as soon as it is written
         language = f" {self.language}" if self.language else ""
         head = _start(_flat(f"{meter(self._db)} {self.state}{language} "), cols)  # state, language: the server's
-        stable, unstable = _tail(self._stable, self._unstable, cols - _width(head))
+        stable, unstable = _tail(self._stable, self._unstable, cols - display_width(head))
         self.out.write(f"{_CLEAR}{_DIM}{head}{_RESET}{stable}{_DIM}{unstable}{_RESET}")
         self.out.flush()
 
@@ -152,15 +152,15 @@ class Captions:
 
 def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
     """The end of the partial that fits in room columns: a wrapped line could not be redrawn in place."""
-    if _width(stable) + _width(unstable) <= room:
+    if display_width(stable) + display_width(unstable) <= room:
         return stable, unstable
-    room -= _width(_ELLIPSIS)
+    room -= display_width(_ELLIPSIS)
     if room < 0:
         return "", ""
     end = _end(unstable, room)
     if end != unstable:  # the unstable text alone is too wide: none of the stable text fits
         return _ELLIPSIS, end
-    return _ELLIPSIS + _end(stable, room - _width(unstable)), unstable
+    return _ELLIPSIS + _end(stable, room - display_width(unstable)), unstable
 
 
 def _flat(text: str) -> str:
@@ -169,35 +169,11 @@ def _flat(text: str) -> str:
     return _BREAKS.sub(" ", text)
 
 
-def _clusters(text: str) -> list[str]:
-    """The characters, each with the zero-width ones that belong to it (combining marks, a joiner and
-    what it joins, variation selectors, Hangul jamo): truncating between them would orphan or widen them."""
-    clusters: list[str] = []
-    for char in text:
-        if clusters and (wcwidth(char) == 0 or clusters[-1][-1] == _ZWJ):
-            clusters[-1] += char
-        else:
-            clusters.append(char)
-    return clusters
-
-
-def _cluster_width(cluster: str) -> int:
-    """Columns, the wider of the ways a terminal may draw it: as one glyph (a joined emoji; a selector that
-    widens its base) or one character at a time (a terminal that does not join): it must fit either way."""
-    if len(cluster) == 1:
-        return max(wcwidth(cluster), 0)
-    return max(wcswidth(cluster), sum(max(wcwidth(char), 0) for char in cluster))
-
-
-def _width(text: str) -> int:
-    return sum(map(_cluster_width, _clusters(text)))
-
-
-def _fit(clusters: Iterable[str], cols: int) -> list[str]:
+def _fit(pieces: Iterable[str], cols: int) -> list[str]:
     """The leading clusters that take at most cols columns: a wide character that would not fit is left out."""
     kept: list[str] = []
-    for cluster in clusters:
-        cols -= _cluster_width(cluster)
+    for cluster in pieces:
+        cols -= cluster_width(cluster)
         if cols < 0:
             break
         kept.append(cluster)
@@ -205,11 +181,11 @@ def _fit(clusters: Iterable[str], cols: int) -> list[str]:
 
 
 def _start(text: str, cols: int) -> str:
-    return "".join(_fit(_clusters(text), cols))
+    return "".join(_fit(clusters(text), cols))
 
 
 def _end(text: str, cols: int) -> str:
-    return "".join(reversed(_fit(reversed(_clusters(text)), cols)))
+    return "".join(reversed(_fit(reversed(clusters(text)), cols)))
 
 
 def _clock(seconds: float) -> str:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from ._width import char_width, display_width
 
 FORMATS = (".txt", ".srt", ".vtt", ".jsonl")
 
@@ -215,17 +216,6 @@ def split_cues(text: str, start: float, end: float, limits: CueLimits = CueLimit
     return cues
 
 
-def display_width(text: str) -> int:
-    """Columns on a terminal or a subtitle line: CJK and other wide characters take two, marks none."""
-    return sum(_char_width(char) for char in text)
-
-
-def _char_width(char: str) -> int:
-    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
 def _atoms(text: str, columns: int) -> list[_Atom]:
     atoms: list[_Atom] = []
     for word in text.split(" "):
@@ -250,11 +240,11 @@ def _pieces(word: str, columns: int) -> list[str]:
 
 
 def _may_break(before: str, after: str) -> bool:
-    if _char_width(after) == 0 or before == "\u200d":  # a mark belongs to its letter; a joiner joins
+    if char_width(after) == 0 or before == "\u200d":  # a mark belongs to its letter; a joiner joins
         return False
     if after in _NO_BREAK_BEFORE or before in _NO_BREAK_AFTER:
         return False
-    return _char_width(before) == 2 or _char_width(after) == 2
+    return char_width(before) == 2 or char_width(after) == 2
 
 
 def _ending(atom: _Atom) -> str:
