@@ -4,6 +4,11 @@ The same random-weight network of the true shapes, the same simulated text as ``
 (3 tokens per second of speech, 5 tokens of every update taken back), the same real speech; for
 each batch limit and each number of sessions a fresh server on a loopback port and the load
 generator's clients streaming in real time. One run, so the rows compare like for like.
+
+Final latency is measured by the clients: from sending the audio at the final's ``end`` to
+receiving the final. Its p50 is also given for the finals ending in the first and in the second
+half of the sessions, so a latency that grows over a run (a queue that never drains) shows; a
+final that never came is counted as lost (``clients/_loadtest.py`` says exactly when).
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from asrlive._audio import SAMPLE_RATE
-from asrlive._bench_stream import PROMPT, ScriptedTranscriber, bench_model, looped_speech
+from asrlive._bench_stream import PROMPT, ScriptedTranscriber, Setup, bench_model, dump_json, looped_speech
 from asrlive.clients._loadtest import LoadReport, run_load
 from asrlive.web import AsrServer, ServerOptions
 
@@ -25,6 +31,72 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from asrlive.engine import AsrModel, DecodingOptions
+
+
+@dataclass(frozen=True)
+class ServeBenchOptions:
+    size: str
+    dtype: torch.dtype
+    device: str | None
+    quantize: str | None
+    counts: tuple[int, ...]  # sessions per run
+    batches: tuple[int, ...]  # max streams per batch
+    duration: float  # seconds of audio per session
+    interval_ms: int
+    audio: Path | None
+    json: bool
+
+
+@dataclass(frozen=True)
+class ServeRow:
+    """One run: a batch limit, a number of sessions, what the clients and the server's metrics saw."""
+
+    max_batch: int
+    sessions: int
+    report: LoadReport
+
+    def figures(self) -> dict[str, Any]:
+        report = self.report
+        first, second = report.final_latency_halves()
+        return {
+            "batch": self.max_batch,
+            "sessions": self.sessions,
+            "rtf": report.real_time_factor,
+            "partial_p50_s": _percentile(report.partial_latencies, 50),
+            "partial_p95_s": _percentile(report.partial_latencies, 95),
+            "partials_per_s": len(report.partial_latencies) / max(report.audio_seconds, 1e-9),
+            "final_p50_s": _percentile(report.final_latencies, 50),
+            "final_p95_s": _percentile(report.final_latencies, 95),
+            "final_p50_first_half_s": _percentile(first, 50),
+            "final_p50_second_half_s": _percentile(second, 50),
+            "finals": report.finals,
+            "lost_finals": report.lost_finals,
+            "errors": len(report.errors),
+            "error_codes": sorted(set(report.errors)),
+        }
+
+    def line(self) -> str:
+        f = self.figures()
+
+        def s(key: str) -> str:
+            value = f[key]
+            return "n/a" if value is None else f"{value:.2f}"
+
+        return (
+            f"{self.max_batch:>5} {self.sessions:>8} {s('rtf'):>5} {s('partial_p50_s'):>11} {s('partial_p95_s'):>6} "
+            f"{s('partials_per_s'):>10} {s('final_p50_s'):>9} {s('final_p95_s'):>6} "
+            f"{s('final_p50_first_half_s'):>8} {s('final_p50_second_half_s'):>8} {f['lost_finals']:>5} {f['errors']:>6}"
+        )
+
+
+HEADER = (
+    f"{'batch':>5} {'sessions':>8} {'RTF':>5} {'partial p50':>11} {'p95':>6} {'partials/s':>10} "
+    f"{'final p50':>9} {'p95':>6} {'1st half':>8} {'2nd half':>8} {'lost':>5} {'errors':>6}"
+)
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
 
 
 def _transcriber(model: AsrModel, decoding: DecodingOptions) -> ScriptedTranscriber:
@@ -46,49 +118,44 @@ def _clips(duration: float, sessions: int, audio_path: Path | None) -> list[np.n
     return [np.roll(speech, -i * 7 * SAMPLE_RATE)[:size] for i in range(sessions)]
 
 
-def bench_serve(
-    size: str,
-    dtype: torch.dtype,
-    counts: Sequence[int],
-    batches: Sequence[int],
-    duration: float,
-    interval_ms: int,
-    audio_path: Path | None,
-) -> None:
-    print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
-    model = bench_model(size, dtype)
-    packed = max(batches) >= 4 and model.pack_weights()
-    clips = _clips(duration, max(counts), audio_path)
-    header = (
-        f"{'batch':>5} {'sessions':>8} {'RTF':>5} {'partial p50':>11} {'p95':>6} {'partials/s':>10} "
-        f"{'final p50':>9} {'p95':>6} {'errors':>6}"
-    )
-    lines = [
-        f"model: Qwen3-ASR {size} shapes, random weights, {str(dtype).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} threads, MKL-packed weights for batches: {'yes' if packed else 'no'}",
-        f"each session: {duration:g} s of real speech in real time, a partial every {interval_ms} ms of audio "
-        "(coalesced when the engine is behind); simulated text as in `asrlive bench stream`",
-        "RTF: engine busy time / wall time (1.0 = saturated); latencies measured by the clients",
-        "",
-        header,
-    ]
-    for max_batch in batches:
-        for sessions in counts:
+def bench_serve(options: ServeBenchOptions) -> None:
+    print(f"building a random-weight {options.size} network ...", file=sys.stderr, flush=True)
+    model = bench_model(options.size, options.dtype, options.device, options.quantize)
+    model.pack_weights()  # as the server does
+    clips = _clips(options.duration, max(options.counts), options.audio)
+    rows = []
+    for max_batch in options.batches:
+        for sessions in options.counts:
             print(f"batch {max_batch}, {sessions} sessions ...", file=sys.stderr, flush=True)
-            report = asyncio.run(_measure(model, max_batch, sessions, clips, interval_ms))
-            lines.append(_row(max_batch, sessions, report))
-            print(lines[-1], file=sys.stderr, flush=True)
-    print("\n".join(lines), flush=True)
+            report = asyncio.run(_measure(model, max_batch, sessions, clips, options.interval_ms))
+            rows.append(ServeRow(max_batch, sessions, report))
+            print(rows[-1].line(), file=sys.stderr, flush=True)
+    setup = Setup.of(options.size, model)
+    if options.json:
+        print(dump_json(_json(setup, options, rows)), flush=True)
+    else:
+        print("\n".join(_table(setup, options, rows)), flush=True)
 
 
-def _row(max_batch: int, sessions: int, report: LoadReport) -> str:
-    def p(values: tuple[float, ...], q: float) -> str:
-        return f"{np.percentile(values, q):.2f}" if values else "n/a"
+def _table(setup: Setup, options: ServeBenchOptions, rows: Sequence[ServeRow]) -> list[str]:
+    return [
+        f"model: {setup.line()}",
+        f"each session: {options.duration:g} s of real speech in real time, a partial every {options.interval_ms} ms "
+        "of audio (coalesced when the engine is behind); simulated text as in `asrlive bench stream`",
+        "RTF: engine busy time / wall time (1.0 = saturated); latencies measured by the clients, in seconds; "
+        "final latency: from sending the audio at the final's end to receiving it",
+        "1st half, 2nd half: final latency p50 of the finals ending in the first, the second half of the sessions; "
+        "lost: finals that never came",
+        "",
+        HEADER,
+        *(row.line() for row in rows),
+    ]
 
-    rate = len(report.partial_latencies) / max(report.audio_seconds, 1e-9)
-    rtf = report.real_time_factor or float("nan")
-    return (
-        f"{max_batch:>5} {sessions:>8} {rtf:>5.2f} {p(report.partial_latencies, 50):>11} "
-        f"{p(report.partial_latencies, 95):>6} {rate:>10.2f} {p(report.final_latencies, 50):>9} "
-        f"{p(report.final_latencies, 95):>6} {len(report.errors):>6}"
-    )
+
+def _json(setup: Setup, options: ServeBenchOptions, rows: Sequence[ServeRow]) -> dict[str, Any]:
+    return {
+        "model": setup.fields(),
+        "duration_s": options.duration,
+        "partial_interval_ms": options.interval_ms,
+        "rows": [row.figures() for row in rows],
+    }

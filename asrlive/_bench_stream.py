@@ -15,11 +15,14 @@ algorithm: forced as the assistant prefix). Everything else is the real code pat
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +30,10 @@ from transformers import Qwen3ASRFeatureExtractor
 
 from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions, ModelInfo, StreamTranscriber, load_audio
 from asrlive.engine._incremental import UtteranceDecoder
-from asrlive.engine._llm import Step
-from asrlive.engine._model import Steps
+from asrlive.engine._model import resolve_device
 from asrlive.engine._prompt import PromptIds
 from asrlive.engine._shapes import random_network
+from asrlive.engine._steps import Step, Steps
 from asrlive.streaming import Session, SessionOptions
 
 TOKENS_PER_SECOND = 3.0
@@ -94,11 +97,59 @@ class JobTiming:
     seconds: float  # compute
 
 
-def bench_model(size: str, dtype: torch.dtype) -> AsrModel:
+@dataclass(frozen=True)
+class Setup:
+    """What a bench ran on: its header line and its JSON ``model`` object say the same."""
+
+    size: str
+    dtype: str  # "bfloat16", "float32"
+    device: str  # "cpu", "cuda:0"
+    device_name: str  # the GPU's name; on a CPU, empty
+    threads: int  # torch's CPU threads
+    quantize: str | None
+    packed: bool  # oneDNN-packed weight copies, as the server keeps them on a CPU
+
+    @classmethod
+    def of(cls, size: str, model: AsrModel) -> Setup:
+        device = model.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        dtype = str(model.dtype).removeprefix("torch.")
+        return cls(size, dtype, str(device), name, torch.get_num_threads(), model.info.quantize, model.weights_packed)
+
+    def line(self) -> str:
+        # On a CPU without quantization this is the line scripts have always read.
+        where = f"{self.threads} threads" if self.device == "cpu" else f"{self.device} ({self.device_name})"
+        weights = f", {self.quantize} weights (torchao)" if self.quantize else ""
+        weights += ", oneDNN-packed weights" if self.packed else ""
+        return f"Qwen3-ASR {self.size} shapes, random weights, {self.dtype}, {where}{weights}"
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "dtype": self.dtype,
+            "device": self.device,
+            "device_name": self.device_name,
+            "threads": self.threads,
+            "quantize": self.quantize,
+            "packed_weights": self.packed,
+        }
+
+
+def bench_model(size: str, dtype: torch.dtype, device: str | None = None, quantize: str | None = None) -> AsrModel:
+    """A random-weight model of the true shapes, placed and quantized as the engine does a checkpoint."""
     network = random_network(size, dtype)
-    info = ModelInfo(f"random-{size}", Path("."), "hf", dtype)
+    info = ModelInfo(f"random-{size}", Path("."), "hf", dtype, device=resolve_device(device), quantize=quantize)
     extractor = Qwen3ASRFeatureExtractor()  # type: ignore[no-untyped-call]  # its __init__ is unannotated
     return AsrModel(network, _NoText(), extractor, info)
+
+
+def finite(value: float) -> float | None:
+    """A figure for JSON, which has no NaN: a measurement that could not be made is null."""
+    return value if math.isfinite(value) else None
+
+
+def dump_json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, allow_nan=False)
 
 
 def looped_speech(duration_s: float, audio: Path | None) -> np.ndarray:
@@ -129,7 +180,7 @@ def run_asrlive(
             session.finish()
         while (job := session.next_job()) is not None:
             started = time.perf_counter()
-            transcriber.transcribe(job.segment, job.audio, job.final)
+            transcriber.transcribe(job.segment, job.audio, job.final)  # its ids come back as ints: a GPU is done
             timings.append(JobTiming(job.end / SAMPLE_RATE, job.final, time.perf_counter() - started))
         progress(min(begin, audio.size) / SAMPLE_RATE)
     return timings
@@ -137,15 +188,18 @@ def run_asrlive(
 
 @torch.inference_mode()
 def official_update(model: AsrModel, audio: np.ndarray, position_s: float) -> float:
-    """Compute seconds of one upstream streaming update at ``position_s`` into the stream."""
+    """Compute seconds of one upstream streaming update at ``position_s`` into the stream.
+
+    Each step's id is read back as an int, which waits for a GPU: the clock stops when the work is done.
+    """
     started = time.perf_counter()
     audio_embeds = model.encode_audio(audio[: int(position_s * SAMPLE_RATE)])
     forced = [1000 + i % 5000 for i in range(max(0, target_tokens(position_s - OFFICIAL_CHUNK_S) - REJECTED))]
     embeds = torch.cat([model.prompt_embeddings(PROMPT, audio_embeds), model.embed(forced)])
     cache = model.new_cache()
-    next_id = int(model.forward(embeds, cache, 1)[0])
+    next_id = int(model.forward_batch([Step(embeds, cache, 1)])[0][0])
     for _ in range(target_tokens(position_s) - len(forced) - 1):
-        next_id = int(model.forward(model.embed([next_id]), cache, 1)[0])
+        next_id = int(model.forward_batch([Step(model.embed([next_id]), cache, 1)])[0][0])
     return time.perf_counter() - started
 
 
@@ -154,69 +208,133 @@ def cost_at(timings: Sequence[JobTiming], position: float) -> float:
     return float(np.mean(near)) if near else float("nan")
 
 
-def report(
-    size: str,
-    dtype: torch.dtype,
-    duration: float,
-    timings: Sequence[JobTiming],
-    official: dict[float, float | None],
-    interval_ms: int,
-) -> str:
-    compute = sum(t.seconds for t in timings)
-    partials = [t for t in timings if not t.final]
-    finals = [t for t in timings if t.final]
-    lines = [
-        f"model: Qwen3-ASR {size} shapes, random weights, {str(dtype).removeprefix('torch.')}, "
-        f"{torch.get_num_threads()} threads",
-        f"simulated text: {TOKENS_PER_SECOND:g} tokens per second of speech; every update keeps all but the last "
-        f"{REJECTED} tokens of the previous hypothesis (asrlive verifies them, the official algorithm forces them)",
-        f"stream: {duration:g} s of real speech, looped; asrlive: a partial every {interval_ms} ms of audio, "
-        f"{len(partials)} partials and {len(finals)} finals",
-        "",
-        f"{'position':>9} {'asrlive update':>15} {'official update':>16} {'official / asrlive':>19}",
-    ]
-    for position, theirs in official.items():
-        ours = cost_at(timings, position)
-        if theirs is None:  # --no-official
-            lines.append(f"{position:>8g}s {ours:>14.2f}s {'skipped':>16} {'-':>19}")
+@dataclass(frozen=True)
+class StreamResult:
+    """One size's run: the timed jobs of asrlive and the official update at each reported position."""
+
+    setup: Setup
+    duration: float
+    interval_ms: int
+    timings: tuple[JobTiming, ...]
+    official: Mapping[float, float | None]  # position -> compute seconds; None: --no-official
+
+    @property
+    def compute(self) -> float:
+        return sum(t.seconds for t in self.timings)
+
+    @property
+    def partials(self) -> list[JobTiming]:
+        return [t for t in self.timings if not t.final]
+
+    @property
+    def final_mean(self) -> float:
+        finals = [t.seconds for t in self.timings if t.final]
+        return float(np.mean(finals)) if finals else float("nan")
+
+    def growth(self) -> float | None:
+        """Update cost at 300 s over the cost at 30 s, for runs that reach 300 s."""
+        return cost_at(self.timings, 300) / cost_at(self.timings, 30) if self.duration >= 300 else None
+
+    def table(self) -> str:
+        compute, duration = self.compute, self.duration
+        lines = [
+            f"model: {self.setup.line()}",
+            f"simulated text: {TOKENS_PER_SECOND:g} tokens per second of speech; every update keeps all but the last "
+            f"{REJECTED} tokens of the previous hypothesis (asrlive verifies them, the official algorithm forces them)",
+            f"stream: {duration:g} s of real speech, looped; asrlive: a partial every {self.interval_ms} ms of audio, "
+            f"{len(self.partials)} partials and {len(self.timings) - len(self.partials)} finals",
+            "",
+            f"{'position':>9} {'asrlive update':>15} {'official update':>16} {'official / asrlive':>19}",
+        ]
+        for position, theirs in self.official.items():
+            ours = cost_at(self.timings, position)
+            if theirs is None:  # --no-official
+                lines.append(f"{position:>8g}s {ours:>14.2f}s {'skipped':>16} {'-':>19}")
+            else:
+                lines.append(f"{position:>8g}s {ours:>14.2f}s {theirs:>15.2f}s {theirs / ours:>18.1f}x")
+        lines += [
+            "",
+            f"asrlive update cost: mean of the partial updates within {WINDOW_S:g} s of the position",
+            f"asrlive real-time factor: {compute / duration:.2f} "
+            f"({compute:.0f} s of compute for {duration:g} s of audio)",
+            f"asrlive final latency (compute of the final update): mean {self.final_mean:.2f} s",
+        ]
+        growth = self.growth()
+        if growth is not None:
+            lines.append(f"asrlive update cost at 300 s / at 30 s: {growth:.2f}")
+        for position, theirs in self.official.items():
+            if theirs is not None:
+                factor = theirs / OFFICIAL_CHUNK_S
+                lines.append(f"official real-time factor at {position:g} s: {factor:.2f} (one update per 2 s)")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, Any]:
+        growth = self.growth()
+        return {
+            "model": self.setup.fields(),
+            "simulated_tokens_per_second": TOKENS_PER_SECOND,
+            "rejected_tokens": REJECTED,
+            "duration_s": self.duration,
+            "partial_interval_ms": self.interval_ms,
+            "partials": len(self.partials),
+            "finals": len(self.timings) - len(self.partials),
+            "positions": [self._position_json(position, theirs) for position, theirs in self.official.items()],
+            "real_time_factor": self.compute / self.duration,
+            "compute_s": self.compute,
+            "final_compute_mean_s": finite(self.final_mean),
+            "update_cost_300_over_30": None if growth is None else finite(growth),
+        }
+
+    def _position_json(self, position: float, theirs: float | None) -> dict[str, Any]:
+        ours = cost_at(self.timings, position)
+        return {
+            "position_s": position,
+            "asrlive_update_s": finite(ours),
+            "official_update_s": theirs,
+            "official_over_asrlive": None if theirs is None else finite(theirs / ours),
+            "official_real_time_factor": None if theirs is None else theirs / OFFICIAL_CHUNK_S,
+        }
+
+
+@dataclass(frozen=True)
+class StreamBenchOptions:
+    sizes: tuple[str, ...]
+    dtype: torch.dtype
+    device: str | None
+    quantize: str | None
+    duration: float
+    interval_ms: int
+    positions: tuple[float, ...]
+    audio: Path | None
+    official: bool
+    json: bool
+
+
+def bench_stream(options: StreamBenchOptions) -> None:
+    audio = looped_speech(options.duration, options.audio)
+    results = []
+    for size in options.sizes:
+        result = _run_size(size, audio, options)
+        if options.json:
+            results.append(result.as_json())
         else:
-            lines.append(f"{position:>8g}s {ours:>14.2f}s {theirs:>15.2f}s {theirs / ours:>18.1f}x")
-    lines += [
-        "",
-        f"asrlive update cost: mean of the partial updates within {WINDOW_S:g} s of the position",
-        f"asrlive real-time factor: {compute / duration:.2f} ({compute:.0f} s of compute for {duration:g} s of audio)",
-        f"asrlive final latency (compute of the final update): mean {np.mean([t.seconds for t in finals]):.2f} s",
-    ]
-    if duration >= 300:
-        lines.append(f"asrlive update cost at 300 s / at 30 s: {cost_at(timings, 300) / cost_at(timings, 30):.2f}")
-    for position, theirs in official.items():
-        if theirs is not None:
-            factor = theirs / OFFICIAL_CHUNK_S
-            lines.append(f"official real-time factor at {position:g} s: {factor:.2f} (one update per 2 s)")
-    return "\n".join(lines)
+            print(result.table(), flush=True)
+    if options.json:
+        print(dump_json({"runs": results}), flush=True)
 
 
-def bench_stream(
-    sizes: Iterable[str],
-    dtype: torch.dtype,
-    duration: float,
-    interval_ms: int,
-    positions: Iterable[float],
-    audio_path: Path | None,
-    official: bool,
-) -> None:
-    audio = looped_speech(duration, audio_path)
-    for size in sizes:
-        print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
-        model = bench_model(size, dtype)
-        official_update(model, audio, 2.0)  # warm-up: first calls allocate and pick kernels
-        timings = run_asrlive(model, audio, interval_ms, _progress(f"asrlive {size}", duration))
-        measured: dict[float, float | None] = {}
-        for position in (p for p in positions if p <= duration):
-            if official:
-                print(f"official algorithm at {position:g} s ...", file=sys.stderr, flush=True)
-            measured[position] = official_update(model, audio, position) if official else None
-        print(report(size, dtype, duration, timings, measured, interval_ms), flush=True)
+def _run_size(size: str, audio: np.ndarray, options: StreamBenchOptions) -> StreamResult:
+    print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
+    model = bench_model(size, options.dtype, options.device, options.quantize)
+    model.pack_weights()  # as the server does; the official algorithm runs on the same products
+    official_update(model, audio, 2.0)  # warm-up: first calls allocate and pick kernels
+    timings = run_asrlive(model, audio, options.interval_ms, _progress(f"asrlive {size}", options.duration))
+    measured: dict[float, float | None] = {}
+    for position in (p for p in options.positions if p <= options.duration):
+        if options.official:
+            print(f"official algorithm at {position:g} s ...", file=sys.stderr, flush=True)
+        measured[position] = official_update(model, audio, position) if options.official else None
+    return StreamResult(Setup.of(size, model), options.duration, options.interval_ms, tuple(timings), measured)
 
 
 def _progress(label: str, total: float) -> Callable[[float], None]:

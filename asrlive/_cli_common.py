@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from asrlive.engine import DEFAULT_MODEL, DTYPE_NAMES
+from asrlive.engine._options import DEVICE_HELP, QUANTIZE_NAMES
 
 if TYPE_CHECKING:
+    import torch
+
     from asrlive.engine import AsrModel
 
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -65,6 +68,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help=f"Hugging Face id or local checkpoint directory (default: {DEFAULT_MODEL})",
     )
     add_dtype_option(parser, "bfloat16 where the hardware computes in it, else float32")
+    add_device_options(parser)
 
 
 def add_dtype_option(parser: argparse.ArgumentParser, default_help: str) -> None:
@@ -74,6 +78,35 @@ def add_dtype_option(parser: argparse.ArgumentParser, default_help: str) -> None
         default="auto",
         help=f"weights and activations (default: {default_help})",
     )
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICE_HELP} (default: %(default)s)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_NAMES,
+        default=None,
+        help="int8: weight-only int8 for the LLM's linear layers and head, through torchao (pip install torchao). "
+        "Off by default: its accuracy cannot be checked without real weights",
+    )
+
+
+def check_device_options(device: str, quantize: str | None) -> torch.device:
+    """The device --device names, checked with --quantize before a model loads: a missing GPU or torchao is
+    said at once, not after the weights are read."""
+    from asrlive.engine import ModelLoadError
+    from asrlive.engine._model import resolve_device
+    from asrlive.engine._weights import check_quantize
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--device {device}: {exc}") from None
+    try:
+        check_quantize(quantize, resolved)
+    except ModelLoadError as exc:  # torchao missing: the message names the flag and the package
+        raise UsageError(str(exc)) from None
+    return resolved
 
 
 def require_server_extra() -> None:
@@ -111,13 +144,16 @@ def warn(command: str, message: str) -> None:
     print(f"asrlive {command}: {message}", file=sys.stderr, flush=True)
 
 
-def load_model(model: str, dtype: str) -> AsrModel:
-    """Load the model for a command: a checkpoint that cannot be had is a usage error (exit 2)."""
+def load_model(model: str, dtype: str, device: str = "auto", quantize: str | None = None) -> AsrModel:
+    """Load the model for a command: a checkpoint that cannot be had is a usage error (exit 2).
+
+    Call ``check_device_options`` first: the device and quantization are refused before any loading.
+    """
     quiet_libraries()
     from asrlive.engine import AsrModel, ModelLoadError
 
     try:
-        return AsrModel.load(model, dtype)
+        return AsrModel.load(model, dtype, device=device, quantize=quantize)
     except ModelLoadError as exc:
         raise UsageError(f"cannot load the model.\n{exc}") from None
 

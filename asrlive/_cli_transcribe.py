@@ -24,6 +24,7 @@ from asrlive._cli_common import (
     EXIT_USAGE,
     UsageError,
     add_model_options,
+    check_device_options,
     check_input_file,
     check_output_file,
     invalid_options,
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--format jsonl needs --stream")
     for path in args.audio:
         check_input_file(path)
-    model = load_model(args.model, args.dtype)
+    check_device_options(args.device, args.quantize)
+    model = load_model(args.model, args.dtype, args.device, args.quantize)
     from asrlive._audio import AudioError, load_audio
 
     failed = 0

@@ -4,6 +4,13 @@ Every client sends 100 ms frames at wall-clock pace and notes when each frame le
 are measured on the client: a partial's latency is the time from sending the last audio it
 covers (``audio_end``) to receiving it; a final's, from sending the utterance's last audio
 (``end``) to receiving it, which includes the silence the server waits for to end an utterance.
+Event times are sample-exact, so "sending the audio at t" is sending the frame that holds the
+sample just before t. Final latencies are also split by where the final's ``end`` falls in its
+session (first or second half of the audio), so latency that grows over a run shows.
+
+A final is lost when an utterance the server announced (``speech_started``/``speech_stopped``)
+has no ``final`` by the end of its session, or when an accepted session does not end with
+``done`` (whatever it still owed is lost: counted once).
 The real-time factor comes from the server's /metrics: inference-thread busy time over the wall
 time of the test, i.e. the share of real time the engine needed to serve all the streams; at
 1.0 it is saturated and partials start to coalesce.
@@ -23,7 +30,7 @@ import numpy.typing as npt
 
 from asrlive._audio import SAMPLE_RATE
 
-from ._client import SessionRefused, Stream, connect
+from ._client import Event, SessionRefused, Stream, connect
 
 FRAME = SAMPLE_RATE // 10
 
@@ -32,9 +39,19 @@ FRAME = SAMPLE_RATE // 10
 class ClientRecord:
     partial_latencies: list[float] = field(default_factory=list)
     final_latencies: list[float] = field(default_factory=list)
+    final_positions: list[float] = field(default_factory=list)  # each final's end / the session's audio
     errors: list[str] = field(default_factory=list)
     finals: int = 0
     audio_seconds: float = 0.0
+    accepted: bool = False  # the server answered ready
+    done: bool = False  # the session ended with `done`
+    unfinished: set[int] = field(default_factory=set)  # segments announced, final not received
+
+    @property
+    def lost_finals(self) -> int:
+        if not self.accepted:
+            return 0
+        return max(len(self.unfinished), 0 if self.done else 1)
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,9 @@ class LoadReport:
     audio_seconds: float
     partial_latencies: tuple[float, ...]
     final_latencies: tuple[float, ...]
+    final_positions: tuple[float, ...]  # for each final latency: its end as a fraction of its session's audio
     finals: int
+    lost_finals: int
     errors: tuple[str, ...]
     busy_seconds: float | None  # from the server's /metrics, if reachable
 
@@ -52,9 +71,15 @@ class LoadReport:
     def real_time_factor(self) -> float | None:
         return None if self.busy_seconds is None else self.busy_seconds / self.wall_seconds
 
+    def final_latency_halves(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Final latencies of the finals ending in the first half of their session, and in the second."""
+        pairs = list(zip(self.final_positions, self.final_latencies, strict=True))
+        return tuple(x for at, x in pairs if at <= 0.5), tuple(x for at, x in pairs if at > 0.5)
+
     def lines(self) -> list[str]:
         rtf = "n/a (no /metrics)" if self.real_time_factor is None else f"{self.real_time_factor:.2f}"
         per_second = len(self.partial_latencies) / max(self.audio_seconds, 1e-9)
+        first, second = self.final_latency_halves()
         return [
             f"sessions: {self.sessions}, {self.audio_seconds:.0f} s of audio in {self.wall_seconds:.0f} s",
             f"partial latency: p50 {_p(self.partial_latencies, 50)} p95 {_p(self.partial_latencies, 95)} "
@@ -63,6 +88,9 @@ class LoadReport:
             f"p95 {_p(self.final_latencies, 95)} ({self.finals} finals)",
             f"real-time factor (engine busy / wall time): {rtf}",
             f"errors: {len(self.errors)}" + (f" ({', '.join(sorted(set(self.errors)))})" if self.errors else ""),
+            f"final latency p50 by the final's end: first half of the sessions {_p(first, 50)}, "
+            f"second half {_p(second, 50)}",
+            f"lost finals: {self.lost_finals}",
         ]
 
 
@@ -97,7 +125,9 @@ async def run_load(
         audio_seconds=sum(r.audio_seconds for r in records),
         partial_latencies=tuple(x for r in records for x in r.partial_latencies),
         final_latencies=tuple(x for r in records for x in r.final_latencies),
+        final_positions=tuple(x for r in records for x in r.final_positions),
         finals=sum(r.finals for r in records),
+        lost_finals=sum(r.lost_finals for r in records),
         errors=tuple(e for r in records for e in r.errors),
         busy_seconds=busy,
     )
@@ -113,26 +143,12 @@ async def _client(
 ) -> None:
     await asyncio.sleep(delay)
     sent_at: npt.NDArray[np.float64] = np.full(-(-audio.size // FRAME), np.inf)  # when frame i left
-
-    def sent(seconds: float) -> float:
-        frame = min(max(int(np.ceil(seconds * SAMPLE_RATE / FRAME)) - 1, 0), sent_at.size - 1)
-        at: float = sent_at[frame]  # numpy's stubs type an element as Any
-        return at
-
     try:
         async with connect(url, token=token, partial_interval_ms=interval) as stream:
+            record.accepted = True
             sender = asyncio.create_task(_send_realtime(stream, audio, sent_at))
             async for event in stream:
-                now = time.monotonic()
-                if event["type"] == "partial":
-                    record.partial_latencies.append(now - sent(event["audio_end"]))
-                elif event["type"] == "final":
-                    record.final_latencies.append(now - sent(event["end"]))
-                    record.finals += 1
-                elif event["type"] == "error":
-                    record.errors.append(event["code"])
-                elif event["type"] == "done":  # every utterance the server heard should have had its final
-                    record.errors += ["missing_final"] * max(event["segments"] - record.finals, 0)
+                note_event(record, event, time.monotonic(), sent_at, audio.size / SAMPLE_RATE)
             await sender
             if stream.close_code != 1000:
                 record.errors.append(f"close {stream.close_code}")
@@ -141,6 +157,37 @@ async def _client(
         record.errors.append(refused.code)
     except (OSError, TimeoutError) as exc:
         record.errors.append(type(exc).__name__)
+
+
+def note_event(
+    record: ClientRecord, event: Event, now: float, sent_at: npt.NDArray[np.float64], seconds: float
+) -> None:
+    kind = event["type"]
+    if kind == "partial":
+        record.partial_latencies.append(now - sent_time(sent_at, event["audio_end"]))
+    elif kind in ("speech_started", "speech_stopped"):
+        record.unfinished.add(event["segment"])
+    elif kind == "final":
+        record.final_latencies.append(now - sent_time(sent_at, event["end"]))
+        record.final_positions.append(event["end"] / seconds)
+        record.unfinished.discard(event["segment"])
+        record.finals += 1
+    elif kind == "error":
+        record.errors.append(event["code"])
+    elif kind == "done":  # every utterance the server heard should have had its final
+        record.done = True
+        record.errors += ["missing_final"] * max(event["segments"] - record.finals, 0)
+
+
+def sent_time(sent_at: npt.NDArray[np.float64], seconds: float) -> float:
+    """When the audio up to ``seconds`` had been sent: the time the frame holding its last sample left.
+
+    Event times are sample-exact (``round(t * 16000)`` samples), so the sample count is rounded,
+    not ceiled: a float just above a frame boundary must not name the next frame.
+    """
+    last_sample = max(round(seconds * SAMPLE_RATE) - 1, 0)
+    at: float = sent_at[min(last_sample // FRAME, sent_at.size - 1)]  # numpy's stubs type an element as Any
+    return at
 
 
 async def _send_realtime(stream: Stream, audio: np.ndarray, sent_at: npt.NDArray[np.float64]) -> None:

@@ -7,6 +7,7 @@ Names are imported on first use (PEP 562): the command line and the server's opt
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ._options import DEFAULT_MODEL, DTYPE_NAMES, KNOWN_MODELS, MAX_SEGMENT_SECONDS, DecodingOptions
@@ -17,16 +18,22 @@ if TYPE_CHECKING:
     from ._batch import run_batch
     from ._checkpoint import ModelLoadError
     from ._incremental import Hypothesis, StreamTranscriber, UtteranceDecoder
-    from ._model import DTYPES, AsrModel, ModelInfo, resolve_dtype
+    from ._model import DTYPES, AsrModel, ModelInfo, resolve_device, resolve_dtype
     from ._offline import Segment, Transcription, transcribe
     from ._prompt import LANGUAGES, normalize_language
+
+# transformers imports torchao whenever it is installed (it is optional here: --quantize int8), and
+# torchao then reports CUDA kernels that a CPU machine cannot load, torch a deprecation of its
+# own, on every start. Neither is the user's concern.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 _LAZY = {
     "asrlive._audio": ("SAMPLE_RATE", "AudioError", "load_audio", "to_model_rate"),
     "._batch": ("run_batch",),
     "._checkpoint": ("ModelLoadError",),
     "._incremental": ("Hypothesis", "StreamTranscriber", "UtteranceDecoder"),
-    "._model": ("DTYPES", "AsrModel", "ModelInfo", "resolve_dtype"),
+    "._model": ("DTYPES", "AsrModel", "ModelInfo", "resolve_device", "resolve_dtype"),
     "._offline": ("Segment", "Transcription", "transcribe"),
     "._prompt": ("LANGUAGES", "normalize_language"),
 }
@@ -62,6 +69,7 @@ __all__ = [
     "UtteranceDecoder",
     "load_audio",
     "normalize_language",
+    "resolve_device",
     "resolve_dtype",
     "run_batch",
     "to_model_rate",

@@ -3,13 +3,18 @@ for a bounded amount of work per update.
 
 For one utterance it keeps
 - the log-mel frames that are final (``IncrementalMel``);
-- the encoder output of every completed 8 s attention window, with the features it was computed
-  from: a window is re-encoded only if those features changed (a louder frame moved the clamp
-  floor), never because the audio grew;
+- the encoder's front end (convolutions) of every complete 1 s chunk, with the features it was
+  computed from: a chunk is recomputed only if those features changed (a louder frame moved the
+  clamp floor), never because the audio grew;
+- the encoder output of every completed 8 s attention window, kept while none of its chunks
+  changed;
 - the LLM KV cache of ``[prompt prefix, audio tokens of completed windows]``, which later tokens
   cannot change (causal attention);
 - the previous hypothesis, used as a draft: one prefill verifies it, greedy decoding continues
   from the first token the model disagrees with.
+
+An update yields its encoder windows and LLM forwards (``_steps``) so that a driver can batch them
+with other streams'. Abandoned at any yield, it leaves this state valid for the next update.
 """
 
 from __future__ import annotations
@@ -23,11 +28,10 @@ from asrlive._audio import SAMPLE_RATE
 
 from ._features import IncrementalMel
 from ._kvcache import KVCache
-from ._llm import Step
-from ._model import AsrModel, Steps
 from ._offline import token_budget
 from ._options import DecodingOptions
 from ._prompt import PromptIds, build_prompt, parse_answer
+from ._steps import Encode, Model, Step, Steps, greedy_steps, run
 
 
 @dataclass(frozen=True)
@@ -38,31 +42,34 @@ class Hypothesis:
     accepted: int  # tokens of the previous hypothesis confirmed by the verifying prefill
 
 
-@dataclass
-class _Window:
-    features: torch.Tensor  # (n_mels, frames_per_window) the window was encoded from
-    embeds: torch.Tensor  # (tokens_per_window, hidden)
+@dataclass(frozen=True)
+class _Chunk:
+    features: torch.Tensor  # (n_mels, frames_per_chunk) the front end was computed from
+    front: torch.Tensor  # (tokens, d_model)
 
 
 class UtteranceDecoder:
     """Incremental state of one utterance: ``append`` audio, ``update`` for the current hypothesis."""
 
     def __init__(
-        self, model: AsrModel, prompt: PromptIds, forced_language: str | None, prefix_cache: KVCache | None = None
+        self, model: Model, prompt: PromptIds, forced_language: str | None, prefix_cache: KVCache | None = None
     ) -> None:
         self.model = model
         self.forced_language = forced_language
-        self.mel = IncrementalMel(model.feature_extractor.mel_filters)
-        self.frames_per_window = model.audio_config.n_window_infer
-        self._windows: list[_Window] = []
+        self.mel = IncrementalMel(model.mel_filters)
+        self.frames_per_chunk = model.frames_per_chunk
+        self.frames_per_window = model.frames_per_window
+        self._chunks: list[_Chunk] = []  # front end of complete chunks, in order
+        self._windows: list[torch.Tensor] = []  # (tokens_per_window, hidden) of completed windows, in order
         self._suffix = model.embed(prompt.suffix)
         # The prompt prefix is the same for every utterance of a stream: its KV is copied, not recomputed.
         self._cache = prefix_cache.copy() if prefix_cache is not None else prefix_kv(model, prompt)
         self._prefix_len = len(prompt.prefix)
-        self._tokens_per_window = 0  # known after the first completed window
+        self._kv_tokens = 0  # audio tokens of completed windows in the KV cache
         self._kv_windows = 0  # completed windows whose audio tokens are in the KV cache
         self.draft: list[int] = []
         self.windows_encoded = 0  # completed 8 s windows run through the encoder, re-encodes included
+        self.chunks_computed = 0  # 1 s chunks run through the front end, the open one included
 
     @property
     def seconds(self) -> float:
@@ -75,24 +82,30 @@ class UtteranceDecoder:
         self.mel.truncate(n_samples)
 
     def update(self, max_new_tokens: int) -> Hypothesis:
-        return self.model.run(self.update_steps(max_new_tokens))
+        return run(self.model, self.update_steps(max_new_tokens))
 
     def update_steps(self, max_new_tokens: int) -> Steps[Hypothesis]:
-        # 1. Features of the whole utterance; windows whose frames are all final are complete.
+        # 1. Features of the whole utterance; chunks and windows whose frames are all final are complete.
         features = self.mel.features()  # (n_mels, frames)
+        per_window = self.frames_per_window // self.frames_per_chunk
         complete = self.mel.n_final // self.frames_per_window
-        # 2. Re-encode only completed windows that are new or whose features changed.
-        self._refresh_windows(features, complete)
-        # 3. The open window (1-8 s of audio) is encoded afresh every time.
-        open_features = features[:, complete * self.frames_per_window :]
-        open_embeds = self.model.encode_frames(open_features) if open_features.shape[1] else self._suffix[:0]
+        # 2. Front end of complete chunks, kept unless their features changed; completed windows
+        #    are re-encoded only when one of their chunks changed.
+        self._refresh_chunks(features, complete * per_window)
+        for index in range(len(self._windows), complete):
+            window = yield Encode(self._front(index * per_window, (index + 1) * per_window))
+            self._windows.append(window)
+            self.windows_encoded += 1
+        # 3. The open window (up to 8 s): cached chunks plus the chunk still filling.
+        open_front = self._open_front(features, complete * per_window)
+        open_embeds = (yield Encode(open_front)) if open_front.shape[0] else self._suffix[:0]
         # 4. Back to the causal-invariant prefix, then one prefill: new complete windows, the
         #    open window, the prompt suffix and the draft.
-        self._cache.truncate(self._prefix_len + self._kv_windows * self._tokens_per_window)
+        self._cache.truncate(self._prefix_len + self._kv_tokens)
         draft = self.draft[:max_new_tokens]
-        pieces = [w.embeds for w in self._windows[self._kv_windows : complete]]
-        pieces += [open_embeds.to(self.model.dtype), self._suffix, self.model.embed(draft)]
+        pieces = [*self._windows[self._kv_windows : complete], open_embeds, self._suffix, self.model.embed(draft)]
         predicted = (yield Step(torch.cat(pieces), self._cache, len(draft) + 1)).tolist()
+        self._kv_tokens += sum(w.shape[0] for w in self._windows[self._kv_windows : complete])
         self._kv_windows = complete
         # 5. Keep the draft up to the first disagreement and drop the rejected tokens' KV.
         accepted = self._accept(draft, predicted)
@@ -103,20 +116,42 @@ class UtteranceDecoder:
         language, text = parse_answer(self.model.decode_text(tokens), self.forced_language)
         return Hypothesis(tuple(tokens), language, text, accepted)
 
-    def _refresh_windows(self, features: torch.Tensor, complete: int) -> None:
-        size = self.frames_per_window
-        del self._windows[complete:]  # the utterance was truncated
-        self._kv_windows = min(self._kv_windows, complete)
-        for index in range(complete):
-            window = features[:, index * size : (index + 1) * size]
-            if index < len(self._windows) and torch.equal(self._windows[index].features, window):
-                continue
-            del self._windows[index:]
-            self._kv_windows = min(self._kv_windows, index)
-            embeds = self.model.encode_frames(window).to(self.model.dtype)
-            self.windows_encoded += 1
-            self._tokens_per_window = embeds.shape[0]
-            self._windows.append(_Window(window.clone(), embeds))
+    def _refresh_chunks(self, features: torch.Tensor, in_windows: int) -> None:
+        """Bring the front-end cache up to the complete chunks; forget windows built on a changed chunk."""
+        size = self.frames_per_chunk
+        complete = self.mel.n_final // size
+        changed = next(
+            (
+                i
+                for i, chunk in enumerate(self._chunks[:complete])
+                if not torch.equal(chunk.features, _chunk(features, i, size))
+            ),
+            min(len(self._chunks), complete),
+        )
+        del self._chunks[changed:]
+        if complete > changed:
+            fronts = self.model.encode_front(features[:, changed * size : complete * size])
+            self._chunks += [_Chunk(_chunk(features, changed + i, size).clone(), f) for i, f in enumerate(fronts)]
+            self.chunks_computed += len(fronts)
+        # A window is valid while all of its chunks are; the KV cache holds only valid windows.
+        per_window = self.frames_per_window // size
+        valid = min(changed // per_window, in_windows // per_window)
+        if valid < len(self._windows):
+            del self._windows[valid:]
+        if valid < self._kv_windows:
+            self._kv_windows = valid
+            self._kv_tokens = sum(w.shape[0] for w in self._windows[:valid])
+
+    def _front(self, first: int, end: int) -> torch.Tensor:
+        return torch.cat([chunk.front for chunk in self._chunks[first:end]])
+
+    def _open_front(self, features: torch.Tensor, first: int) -> torch.Tensor:
+        """Front end of the open window: its complete chunks from the cache, the rest computed now."""
+        cached = self._chunks[first:]
+        computed_from = (first + len(cached)) * self.frames_per_chunk
+        fresh = self.model.encode_front(features[:, computed_from:]) if features.shape[1] > computed_from else []
+        self.chunks_computed += len(fresh)
+        return torch.cat([c.front for c in cached] + fresh) if cached or fresh else features.new_zeros(0)
 
     def _accept(self, draft: list[int], predicted: list[int]) -> int:
         """How many draft tokens the model itself would have produced."""
@@ -126,13 +161,17 @@ class UtteranceDecoder:
         return accepted
 
     def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> Steps[list[int]]:
-        return self.model.greedy_steps(next_id, self._cache, tokens, max_new_tokens)
+        return greedy_steps(self.model, next_id, self._cache, tokens, max_new_tokens)
 
 
-def prefix_kv(model: AsrModel, prompt: PromptIds) -> KVCache:
+def _chunk(features: torch.Tensor, index: int, size: int) -> torch.Tensor:
+    return features[:, index * size : (index + 1) * size]
+
+
+def prefix_kv(model: Model, prompt: PromptIds) -> KVCache:
     cache = model.new_cache()
     with torch.inference_mode():
-        model.forward(model.embed(prompt.prefix), cache, 0)
+        model.forward_batch([Step(model.embed(prompt.prefix), cache, 0)])
     return cache
 
 
@@ -141,7 +180,7 @@ class StreamTranscriber:
 
     decoder_class = UtteranceDecoder
 
-    def __init__(self, model: AsrModel, options: DecodingOptions | None = None, prompt: PromptIds | None = None):
+    def __init__(self, model: Model, options: DecodingOptions | None = None, prompt: PromptIds | None = None):
         self.model = model
         self.options = options = options or DecodingOptions()
         self._prompt = prompt or build_prompt(model.tokenizer, options.context, options.language)
@@ -151,7 +190,7 @@ class StreamTranscriber:
 
     def transcribe(self, segment: int, audio: np.ndarray, final: bool) -> Hypothesis:
         """Hypothesis for the utterance ``segment`` whose audio so far is ``audio`` (16 kHz mono)."""
-        return self.model.run(self.transcribe_steps(segment, audio, final))
+        return run(self.model, self.transcribe_steps(segment, audio, final))
 
     def transcribe_steps(self, segment: int, audio: np.ndarray, final: bool) -> Steps[Hypothesis]:
         """``transcribe`` as a computation that yields its LLM forwards (to be batched with others')."""
@@ -168,6 +207,10 @@ class StreamTranscriber:
         if final:
             del self._decoders[segment]
         return hypothesis
+
+    def release(self, segment: int) -> None:
+        """Forget the state of utterance ``segment`` (its final came from elsewhere, or it was abandoned)."""
+        self._decoders.pop(segment, None)
 
     def _new_decoder(self) -> UtteranceDecoder:
         if self._prefix_cache is None:

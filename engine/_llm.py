@@ -1,17 +1,18 @@
-"""The LLM forward over several sequences at once, each with its own KV cache ("ragged" batching).
+"""The LLM forward of Qwen3-ASR's decoder, lean: the engine's hot loop owns its computation.
 
-Decode is memory-bound: a decode step reads every weight once to produce one token. Stacking the
-rows of several sessions into one matrix reads the weights once for all of them. Sequences have
-different lengths and caches, so only the row-wise parts are shared (norms, projections, rotary
-embedding, MLP, lm_head); attention runs per sequence against that sequence's cache, with the
-same mask and attention function as transformers' own forward. With one sequence the result is
-bit-identical to ``Qwen3Model.forward``; with several, a row differs only in the rounding of a
-many-row product versus a one-row one (fp32: ~1e-7 relative).
+transformers' ``Qwen3Model`` builds masks, rotary embeddings and cache objects on every call and
+dispatches ~20 modules per layer; for a one-row decode step that overhead was a third of the
+step. Here each layer is five matrix products on weights laid out once at load time (q, k and v
+fused into one matrix, gate and up into another), rotary tables computed once, attention by
+``scaled_dot_product_attention`` straight over the explicit ``KVCache``, and no mask at all for
+decode rows. The arithmetic is transformers' own, operation for operation (a fused product
+computes each output column exactly as the separate one does): one sequence gives transformers'
+logits bit for bit in float32.
 
-MKL's fp32 GEMM repacks the whole weight matrix on every call once a product has 4 or more rows,
-which made a decode step of 4 sessions cost twice one of 3. With ``pack_weights`` every linear
-layer keeps an MKL-packed copy of its weight (the LLM's weights in memory twice) and products of
-4+ rows use it: measured on 2 cores, 0.6B, one decode step for 8 sessions cost 1.6x a step for one.
+Several sequences run as one ragged batch: their rows are concatenated for the products (one
+pass over the weights for all of them: decode is memory-bound) and attention runs per sequence
+on its own cache. In a batch a row may round differently (a many-row product sums in another
+order than a one-row one); a sequence alone computes what ``generate`` computes.
 """
 
 from __future__ import annotations
@@ -21,151 +22,245 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb, eager_attention_forward
+import torch.nn.functional as F
 
 from ._kvcache import KVCache
+from ._steps import Step
 
 if TYPE_CHECKING:
-    from typing import TypeAlias
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3Model
 
-    from torch.nn.attention.flex_attention import BlockMask
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3MLP, Qwen3Model
-
-    # ``module(x)`` for a linear layer of the LLM: plain, or through packed weights.
-    LinearFn: TypeAlias = Callable[[torch.nn.Linear, torch.Tensor], torch.Tensor]
-    # What transformers' create_causal_mask builds for one sequence.
-    Mask: TypeAlias = torch.Tensor | BlockMask | None
+# ``linear(x, weight)``: plain ``F.linear``, or through packed or quantized weights.
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Step:
-    """One sequence's share of a forward: ``embeds`` after what ``cache`` holds; greedy ids of the last n_logits."""
+class Layer:
+    """One decoder layer's weights, fused where rows share an input."""
 
-    embeds: torch.Tensor  # (seq, hidden)
-    cache: KVCache
-    n_logits: int
+    qkv: torch.Tensor  # (heads * head_dim + 2 * kv heads * head_dim, hidden)
+    o: torch.Tensor  # (hidden, heads * head_dim)
+    gate_up: torch.Tensor  # (2 * ffn, hidden)
+    down: torch.Tensor  # (hidden, ffn)
+    input_norm: torch.Tensor  # (hidden,)
+    post_norm: torch.Tensor  # (hidden,)
+    q_norm: torch.Tensor  # (head_dim,)
+    k_norm: torch.Tensor  # (head_dim,)
 
 
-class RaggedForward:
-    """Drives the decoder layers of a transformers ``Qwen3Model`` over several (embeds, cache) pairs."""
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    eps: float
 
-    def __init__(self, language_model: Qwen3Model, lm_head: torch.nn.Linear, pack_weights: bool = False) -> None:
+
+class LeanLM:
+    """Drives a transformers ``Qwen3Model``'s weights over several (embeds, cache) pairs at once."""
+
+    def __init__(self, language_model: Qwen3Model, lm_head: torch.nn.Linear) -> None:
         config = language_model.config
-        if config.layer_types is None or any(kind != "full_attention" for kind in config.layer_types):
+        if config.layer_types is not None and any(kind != "full_attention" for kind in config.layer_types):
             raise ValueError("only full-attention layers are supported (Qwen3-ASR has no sliding windows)")
-        self.lm = language_model
-        self.lm_head = lm_head
+        if config.hidden_act != "silu" or getattr(config, "attention_bias", False):
+            raise ValueError("the decoder must be Qwen3's: silu MLP, attention without bias")
+        self.shape = Shape(
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads or config.num_attention_heads,
+            config.head_dim or config.hidden_size // config.num_attention_heads,
+            config.intermediate_size,
+            config.rms_norm_eps,
+        )
         # torch's ModuleList is not generic (its items are typed Module): these are the decoder layers.
-        self.layers = cast("Iterable[Qwen3DecoderLayer]", language_model.layers)
-        self.config = config
-        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
-        self._packed = _PackedLinear(language_model, lm_head) if pack_weights else None
+        self.layers = [_fuse(layer) for layer in cast("Iterable[Qwen3DecoderLayer]", language_model.layers)]
+        self.norm = language_model.norm.weight
+        self.head = lm_head.weight  # (vocab, hidden); the embedding matrix itself when tied
+        self.scaling = self.shape.head_dim**-0.5
+        self._rotary = _Rotary(language_model)
+        self.linear: Linear = F.linear
 
-    @torch.inference_mode()
+    def new_cache(self) -> KVCache:
+        s = self.shape
+        return KVCache(s.layers, s.kv_heads, s.head_dim, self.head.dtype, self.head.device)
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every matrix a decode step multiplies by, as stored here (fused)."""
+        return [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
+
     def __call__(self, steps: Sequence[Step]) -> list[torch.Tensor]:
-        # 1. Rows of all sequences side by side; positions continue each sequence's cache.
+        if len({id(step.cache) for step in steps}) != len(steps):
+            raise ValueError("two steps of one forward share a KV cache")
+        # 1. Rows of all sequences stacked; each sequence continues its own cache.
         lengths = [step.embeds.shape[0] for step in steps]
-        hidden = torch.cat([step.embeds for step in steps])[None]  # (1, rows, hidden)
-        positions = [torch.arange(n) + step.cache.length for n, step in zip(lengths, steps, strict=True)]
-        position_ids = torch.cat(positions)[None]  # (1, rows)
-        # 2. Masks exactly as transformers builds them, before any cache grows.
-        masks: list[Mask] = [
-            create_causal_mask(self.config, step.embeds[None], None, step.cache, pos[None])
-            for step, pos in zip(steps, positions, strict=True)
-        ]
-        rotary: tuple[torch.Tensor, torch.Tensor] = self.lm.rotary_emb(hidden, position_ids)  # (cos, sin)
-        # A stream alone computes exactly what transformers computes; packed weights only in batches.
-        linear: LinearFn = self._packed if self._packed is not None and len(steps) > 1 else _plain_linear
+        starts = [step.cache.reserve(n) for step, n in zip(steps, lengths, strict=True)]
+        hidden = torch.cat([step.embeds for step in steps]) if len(steps) > 1 else steps[0].embeds  # (rows, hidden)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        cos, sin = self._rotary(positions, hidden.dtype, hidden.device)  # (rows, head_dim) each
+        masks = [_mask(start, n, hidden.device) for start, n in zip(starts, lengths, strict=True)]
+        # 2. The layers.
         for index, layer in enumerate(self.layers):
-            normed = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(layer, index, normed, rotary, steps, masks, lengths, linear)
-            hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden), linear)
-        hidden = self.lm.norm(hidden)[0]  # (rows, hidden)
-        return self._greedy(hidden, steps, lengths, linear)
+            attended = self._attention(
+                index,
+                layer,
+                _rms_norm(hidden, layer.input_norm, self.shape.eps),
+                cos,
+                sin,
+                steps,
+                starts,
+                lengths,
+                masks,
+            )
+            hidden = hidden + attended
+            hidden = hidden + self._mlp(layer, _rms_norm(hidden, layer.post_norm, self.shape.eps))
+        for step, n in zip(steps, lengths, strict=True):
+            step.cache.commit(n)
+        # 3. Greedy ids of the wanted rows: one head product for all of them.
+        hidden = _rms_norm(hidden, self.norm, self.shape.eps)
+        return self._greedy(hidden, steps, lengths)
 
     def _attention(
         self,
-        layer: Qwen3DecoderLayer,
         index: int,
-        hidden: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        layer: Layer,
+        normed: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         steps: Sequence[Step],
-        masks: Sequence[Mask],
+        starts: Sequence[int],
         lengths: Sequence[int],
-        linear: LinearFn,
+        masks: Sequence[torch.Tensor | None],
     ) -> torch.Tensor:
-        attn = layer.self_attn
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)  # (1, rows, heads, head_dim)
-        query = attn.q_norm(linear(attn.q_proj, hidden).view(shape)).transpose(1, 2)  # (1, heads, rows, head_dim)
-        key = attn.k_norm(linear(attn.k_proj, hidden).view(shape)).transpose(1, 2)  # (1, kv heads, rows, head_dim)
-        value = linear(attn.v_proj, hidden).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, *rotary)
-        outputs: list[torch.Tensor] = []
+        s = self.shape
+        rows = normed.shape[0]
+        qkv = self.linear(normed, layer.qkv)  # (rows, (heads + 2 kv heads) * head_dim)
+        widths = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+        query, key, value = qkv.split(widths, -1)  # type: ignore[no-untyped-call]  # torch: unannotated
+        query = _rotate(_rms_norm(query.view(rows, s.heads, s.head_dim), layer.q_norm, s.eps), cos, sin)
+        key = _rotate(_rms_norm(key.view(rows, s.kv_heads, s.head_dim), layer.k_norm, s.eps), cos, sin)
+        value = value.view(rows, s.kv_heads, s.head_dim)
+        outputs = []
         begin = 0
-        for step, mask, n in zip(steps, masks, lengths, strict=True):
-            rows = slice(begin, begin + n)
-            keys, values = step.cache.update(key[:, :, rows], value[:, :, rows], index)
-            out, _ = self.attention(attn, query[:, :, rows], keys, values, mask, dropout=0.0, scaling=attn.scaling)
-            outputs.append(out)  # (1, n, heads, head_dim)
+        for step, start, n, mask in zip(steps, starts, lengths, masks, strict=True):
+            part = slice(begin, begin + n)
+            keys, values = step.cache.write(index, start, key[part].transpose(0, 1), value[part].transpose(0, 1))
+            outputs.append(self._sdpa(query[part], keys, values, mask))  # (n, heads * head_dim)
             begin += n
-        merged = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        return linear(attn.o_proj, merged.reshape(*hidden.shape[:-1], -1).contiguous())
+        merged = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return self.linear(merged, layer.o)
 
-    def _greedy(
-        self, hidden: torch.Tensor, steps: Sequence[Step], lengths: list[int], linear: LinearFn
-    ) -> list[torch.Tensor]:
-        # One lm_head product for every wanted row: with one row this is the one-row product that
-        # generate's decode steps compute.
+    def _sdpa(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of (n, heads, head_dim) queries over (kv heads, length, head_dim) keys and values."""
+        s = self.shape
+        n = query.shape[0]
+        if n == 1:
+            # A decode row attends to everything: no mask; kv heads shared by their query heads in SDPA.
+            out = F.scaled_dot_product_attention(
+                query.transpose(0, 1)[None], keys[None], values[None], scale=self.scaling, enable_gqa=True
+            )  # (1, heads, 1, head_dim)
+            return out.reshape(1, s.heads * s.head_dim)
+        group = s.heads // s.kv_heads
+        keys, values = (t.repeat_interleave(group, dim=0)[None] for t in (keys, values))  # (1, heads, length, d)
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling
+        )  # (1, heads, n, head_dim)
+        return out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim)
+
+    def _mlp(self, layer: Layer, normed: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear(normed, layer.gate_up).chunk(2, dim=-1)  # (rows, ffn) each
+        return self.linear(F.silu(gate) * up, layer.down)
+
+    def _greedy(self, hidden: torch.Tensor, steps: Sequence[Step], lengths: list[int]) -> list[torch.Tensor]:
+        # With one wanted row this is the one-row product that generate's decode steps compute.
         ends = torch.tensor(lengths).cumsum(0).tolist()
-        rows = [torch.arange(end - step.n_logits, end) for end, step in zip(ends, steps, strict=True)]
-        wanted = torch.cat(rows)
+        wanted = torch.cat([torch.arange(end - step.n_logits, end) for end, step in zip(ends, steps, strict=True)])
         if wanted.numel() == 0:
             return [torch.empty(0, dtype=torch.long) for _ in steps]
-        ids = linear(self.lm_head, hidden[wanted]).argmax(dim=-1)  # (wanted,)
+        ids = self.linear(hidden[wanted.to(hidden.device)], self.head).argmax(dim=-1).cpu()  # (wanted,)
         return list(ids.split([step.n_logits for step in steps]))  # type: ignore[no-untyped-call]  # torch: unannotated
 
 
-def _mlp(mlp: Qwen3MLP, hidden: torch.Tensor, linear: LinearFn) -> torch.Tensor:
-    return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, hidden)) * linear(mlp.up_proj, hidden))
-
-
-def _plain_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = module(x)  # torch types Module.__call__ as returning Any
-    return out
-
-
-_PACKED_FROM_ROWS = 4  # below this MKL does not repack, and one row stays the reference's product
-
-
-class _PackedLinear:
-    """``module(x)``, but through an MKL-packed copy of the weight for products of 4+ rows."""
-
-    def __init__(self, language_model: Qwen3Model, lm_head: torch.nn.Linear) -> None:
-        linears = [m for m in language_model.modules() if isinstance(m, torch.nn.Linear)] + [lm_head]
-        # torch types Linear.bias as always set; it is None for Linear(..., bias=False).
-        if any(m.bias is not None or m.weight.dtype != torch.float32 for m in linears):  # type: ignore[unreachable]
-            raise ValueError("packed weights need float32 linear layers without bias")
-        self._packed: dict[int, torch.Tensor] = {
-            id(m): torch.ops.mkl._mkl_reorder_linear_weight(m.weight, 8) for m in linears
-        }
-
-    def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows < _PACKED_FROM_ROWS:
-            plain: torch.Tensor = module(x)  # torch types Module.__call__ as returning Any
-            return plain
-        out: torch.Tensor = torch.ops.mkl._mkl_linear(
-            x.reshape(rows, -1), self._packed[id(module)], module.weight, None, rows
-        )
-        return out.reshape(*x.shape[:-1], -1)  # (..., out_features)
-
-
-def can_pack_weights(dtype: torch.dtype) -> bool:
-    """MKL-packed weights exist for float32 on CPU builds with MKL."""
-    return (
-        dtype == torch.float32
-        and torch.backends.mkl.is_available()  # type: ignore[no-untyped-call]  # torch: unannotated
-        and hasattr(torch.ops.mkl, "_mkl_linear")
+def _fuse(layer: Qwen3DecoderLayer) -> Layer:
+    """Fused weights; the module's own weights become views of them, so nothing is held twice."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    _share(qkv, [attn.q_proj, attn.k_proj, attn.v_proj])
+    _share(gate_up, [mlp.gate_proj, mlp.up_proj])
+    return Layer(
+        qkv,
+        attn.o_proj.weight,
+        gate_up,
+        mlp.down_proj.weight,
+        layer.input_layernorm.weight,
+        layer.post_attention_layernorm.weight,
+        attn.q_norm.weight,
+        attn.k_norm.weight,
     )
+
+
+def _share(fused: torch.Tensor, modules: list[torch.nn.Linear]) -> None:
+    begin = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight = torch.nn.Parameter(fused[begin : begin + rows], requires_grad=False)
+        begin += rows
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm: normalised in float32, cast back, then scaled (the order matters in bf16)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return weight * normed
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (rows, heads, head_dim) with (rows, head_dim) tables."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def _mask(start: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of n rows after ``start`` cached ones: (n, start + n), True where a row may look.
+
+    None where SDPA needs none: one row sees everything, and rows with nothing cached before them
+    are plainly causal (``is_causal``).
+    """
+    if n == 1 or start == 0:
+        return None
+    return torch.arange(start + n, device=device)[None] <= torch.arange(start, start + n, device=device)[:, None]
+
+
+class _Rotary:
+    """cos/sin tables by position, computed once (grown by doubling) exactly as transformers computes them."""
+
+    def __init__(self, language_model: Qwen3Model) -> None:
+        rotary = language_model.rotary_emb
+        self._inv_freq: torch.Tensor = rotary.inv_freq.float()  # (head_dim / 2,)
+        self._scaling = float(rotary.attention_scaling)
+        self._cos = self._sin = torch.empty(0)
+        self._key: tuple[torch.dtype, torch.device] | None = None
+
+    def __call__(
+        self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1
+        if self._key != (dtype, device) or needed > self._cos.shape[0]:
+            self._build(max(needed, 2 * self._cos.shape[0], 1024), dtype, device)
+        index = positions.to(device)
+        return self._cos[index], self._sin[index]
+
+    def _build(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        inv_freq = self._inv_freq.to(device)
+        freqs = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv_freq[None]  # (size, d/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (size, head_dim)
+        self._cos = (angles.cos() * self._scaling).to(dtype)
+        self._sin = (angles.sin() * self._scaling).to(dtype)
+        self._key = (dtype, device)

@@ -6,7 +6,7 @@ features -> audio embeddings -> prompt embeddings -> greedy decoding over an exp
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
@@ -17,42 +17,55 @@ import torch
 from asrlive._audio import SAMPLE_RATE
 
 from ._checkpoint import ModelLoadError, load_network, read_checkpoint, resolve_model_dir
+from ._encoder import Encoder
 from ._kvcache import KVCache
-from ._llm import RaggedForward, Step, can_pack_weights
-from ._options import DEFAULT_MODEL, DTYPE_NAMES
+from ._llm import LeanLM
+from ._options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_NAMES
 from ._prompt import PromptIds, TextEncoder
+from ._steps import Encode, Step, Steps, greedy_steps, run
+from ._weights import PackedLinear, can_pack_weights, check_quantize, quantize_weights, weight_bytes
 
 if TYPE_CHECKING:
-    from transformers import (
-        Qwen3ASREncoderConfig,
-        Qwen3ASRFeatureExtractor,
-        Qwen3ASRForConditionalGeneration,
-        Qwen3Config,
-    )
+    from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
 
 T = TypeVar("T")
-# A computation that needs LLM forwards: it yields each Step it wants run, is sent the greedy
-# ids, and returns its result. One driver runs it alone, another runs many in one batch.
-Steps = Generator[Step, torch.Tensor, T]
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16), strict=True))
-EOS_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
 # The network was trained with these ids; a tokenizer that puts them elsewhere cannot work.
 ASR_TOKEN_IDS = {"<|audio_start|>": 151669, "<|audio_end|>": 151670, "<|audio_pad|>": 151676, "<asr_text>": 151704}
 
 
-def resolve_dtype(name: str | None) -> torch.dtype:
+def resolve_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype:
     """The dtype policy: bf16 (what the checkpoints store) where the hardware computes in bf16, else fp32.
 
     A CPU without bf16 instructions (AVX512-BF16 or AMX) emulates bf16 matrix products: measured
     2-3x slower than fp32 for prefill and encoder on such a CPU. fp32 holds bf16 weights exactly.
     """
     if name in (None, "auto"):
-        return torch.bfloat16 if torch.cuda.is_available() or _cpu_has_bf16() else torch.float32
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu or _cpu_has_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of: auto, {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device policy: ``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use {DEVICE_HELP}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use {DEVICE_HELP}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("this machine has no CUDA device, or this torch build has no CUDA support")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"there are only {torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
+    return device
 
 
 def _cpu_has_bf16() -> bool:
@@ -76,10 +89,16 @@ class ModelInfo:
     path: Path
     layout: str  # "original" or "hf"
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
+    quantize: str | None = None  # "int8": weight-only int8 LLM linears and head
 
 
 class AsrModel:
-    """A Qwen3-ASR checkpoint ready for inference. Not thread-safe: one thread drives it."""
+    """A Qwen3-ASR checkpoint ready for inference (the engine's ``Model``). Not thread-safe: one thread drives it.
+
+    transformers' ``Qwen3ASRForConditionalGeneration`` holds the weights; the engine runs them
+    through its own drivers (``Encoder``, ``LeanLM``).
+    """
 
     def __init__(
         self,
@@ -92,37 +111,81 @@ class AsrModel:
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.info = info
-        self.dtype = info.dtype
-        # transformers types the sub-configs as dict | PreTrainedConfig | None; Qwen3ASRConfig
-        # always builds them as these config objects.
-        self.audio_config = cast("Qwen3ASREncoderConfig", network.config.audio_config)
-        self.text_config = cast("Qwen3Config", network.config.text_config)
         # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
         network.requires_grad_(False)
+        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
         self._embed_tokens = network.get_input_embeddings()
-        self._ragged = RaggedForward(network.model.language_model, network.lm_head)
+        self.encoder = Encoder(network.model.audio_tower, network.model.multi_modal_projector)
+        self.llm = LeanLM(network.model.language_model, network.lm_head)
+        if info.quantize is not None:
+            quantize_weights(self.llm, info.quantize)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.shape.hidden
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return self.encoder.frames_per_chunk
+
+    @property
+    def frames_per_window(self) -> int:
+        return self.encoder.frames_per_chunk * self.encoder.chunks_per_window
+
+    @property
+    def mel_filters(self) -> np.ndarray:
+        filters: np.ndarray = self.feature_extractor.mel_filters  # untyped in transformers
+        return filters
 
     def pack_weights(self) -> bool:
-        """Keep MKL-packed copies of the LLM weights for batched decoding (see ``_llm``), where possible.
+        """Multiply by oneDNN-packed copies of the LLM weights (see ``_weights``), where possible.
 
-        Costs the LLM's weight memory once more; worth it only when several sessions share the model.
+        About twice as fast on a CPU, exact up to float32 rounding, and the LLM's weight memory once more.
         """
-        if not can_pack_weights(self.dtype):
+        if self.device.type != "cpu" or self.info.quantize is not None or not can_pack_weights(self.dtype):
             return False
-        self._ragged = RaggedForward(self.network.model.language_model, self.network.lm_head, pack_weights=True)
+        self.llm.linear = PackedLinear(self.llm.weights())
         return True
 
+    @property
+    def weights_packed(self) -> bool:
+        return isinstance(self.llm.linear, PackedLinear)
+
+    def weight_matrices(self) -> list[torch.Tensor]:
+        """The LLM's linear weight matrices as the checkpoint lays them out (q, k, v, o, gate, up, down; head)."""
+        matrices = [m.weight for m in self.network.model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+        return [*matrices, self.network.lm_head.weight]
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads, as the engine stores them (fused, maybe quantized)."""
+        return sum(weight_bytes(w) for w in self.llm.weights())
+
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, dtype: str | None = None) -> AsrModel:
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        dtype: str | None = None,
+        device: str | None = None,
+        quantize: str | None = None,
+    ) -> AsrModel:
         """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible."""
-        torch_dtype = resolve_dtype(dtype)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        check_quantize(quantize, torch_device)
         checkpoint = read_checkpoint(resolve_model_dir(model))
         network = load_network(checkpoint, torch_dtype)
         tokenizer = _load_tokenizer(checkpoint.path)
         feature_extractor = _load_feature_extractor(checkpoint.path, checkpoint.layout)
-        return cls(
-            network, tokenizer, feature_extractor, ModelInfo(model, checkpoint.path, checkpoint.layout, torch_dtype)
-        )
+        info = ModelInfo(model, checkpoint.path, checkpoint.layout, torch_dtype, torch_device, quantize)
+        return cls(network, tokenizer, feature_extractor, info)
 
     # -- audio ---------------------------------------------------------------------------------
 
@@ -144,49 +207,50 @@ class AsrModel:
     def encode_frames(self, features: torch.Tensor) -> torch.Tensor:
         """Audio embeddings in the LLM's hidden size for (n_mels, frames) log-mel: (n_tokens, hidden).
 
-        Frames are zero-padded to whole 1 s conv chunks, as the reference processor does; attention
-        windows count from the first frame given, so any slice starting on a window boundary
-        encodes exactly as it does inside the whole clip.
+        Attention windows count from the first frame given, so any slice starting on a window
+        boundary encodes exactly as it does inside the whole clip.
         """
-        n_mels, frames = features.shape
-        chunk = 2 * self.audio_config.n_window
-        padded = -(-frames // chunk) * chunk
-        batch = torch.zeros(1, n_mels, padded, dtype=self.dtype)
-        batch[0, :, :frames] = features
-        mask = torch.zeros(1, padded, dtype=torch.long)
-        mask[0, :frames] = 1
-        output = self.network.model.get_audio_features(batch, mask)  # untyped in transformers
-        embeds: torch.Tensor = output.pooler_output
-        return embeds
+        return self.encoder.encode(features.to(self.device))
 
     def encode_audio(self, audio: np.ndarray) -> torch.Tensor:
         return self.encode_frames(self.features(audio))
+
+    def encode_front(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """The convolution front end of each 1 s chunk of (n_mels, frames): [(tokens, d_model)]."""
+        return self.encoder.front(features.to(self.device))
+
+    def encode_batch(self, requests: Sequence[Encode]) -> list[torch.Tensor]:
+        """Several attention windows (of any streams) through the encoder layers in one pass."""
+        return [embeds.to(self.dtype) for embeds in self.encoder.windows([r.front for r in requests])]
 
     # -- text ----------------------------------------------------------------------------------
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """(len(token_ids), hidden)"""
-        embeds: torch.Tensor = self._embed_tokens(torch.tensor([token_ids], dtype=torch.long))[0]  # Module call: Any
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        embeds: torch.Tensor = self._embed_tokens(ids)  # Module call: Any
         return embeds
 
     def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
         """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""
         return torch.cat([self.embed(prompt.prefix), audio_embeds.to(self.dtype), self.embed(prompt.suffix)], dim=0)
 
+    @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, n_logits: int) -> torch.Tensor:
         """Run the LLM over (seq, hidden) after what ``cache`` holds; greedy ids of the last n_logits positions.
 
         One position gets its logits alone, as in ``generate``: a one-row product rounds
         differently from a many-row one, and the reference's decode steps are one-row products.
         """
-        return self._ragged([Step(embeds, cache, n_logits)])[0]
+        return self.llm([Step(embeds, cache, n_logits)])[0]
 
+    @torch.inference_mode()
     def forward_batch(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         """``forward`` for several sequences in one pass over the weights (see ``_llm``)."""
-        return self._ragged(steps)
+        return self.llm(steps)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.text_config.num_hidden_layers)
+        return self.llm.new_cache()
 
     @torch.inference_mode()
     def greedy_decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -197,27 +261,12 @@ class AsrModel:
         """
         cache = self.new_cache()
         next_id = int(self.forward(embeds, cache, 1)[0])
-        return self.run(self.greedy_steps(next_id, cache, [], max_new_tokens))
-
-    def greedy_steps(self, next_id: int, cache: KVCache, tokens: list[int], max_new_tokens: int) -> Steps[list[int]]:
-        """Append greedy tokens, starting with ``next_id``, until eos or ``max_new_tokens`` in all."""
-        tokens = list(tokens)
-        while len(tokens) < max_new_tokens and next_id not in EOS_IDS:
-            tokens.append(next_id)
-            if len(tokens) < max_new_tokens:
-                next_id = int((yield Step(self.embed([next_id]), cache, 1))[0])
-        return tokens
+        return self.run(greedy_steps(self, next_id, cache, [], max_new_tokens))
 
     @torch.inference_mode()
     def run(self, steps: Steps[T]) -> T:
-        """Drive one computation alone: each forward it asks for is run as it comes."""
-        try:
-            step = next(steps)
-            while True:
-                step = steps.send(self.forward(step.embeds, step.cache, step.n_logits))
-        except StopIteration as stop:
-            result: T = stop.value  # the generator's return value (typed Any)
-            return result
+        """Drive one computation alone: each request it makes is answered as it comes."""
+        return run(self, steps)
 
     def decode_text(self, token_ids: list[int]) -> str:
         # Typed str | list[str] in transformers: it is a str for one sequence of ids.

@@ -10,6 +10,18 @@ the model asks for the next job, runs it and hands the result back::
 
 Finals are queued and never dropped. A partial job always covers the newest audio, so when the
 engine falls behind, partials coalesce (latest wins) instead of piling up.
+
+Speculative finals (``SessionOptions.speculative_finals``). The VAD closes an utterance only after
+``end_silence_ms`` of unvoiced audio, but its final covers the audio up to ``pad_ms`` after the last
+voiced frame. As soon as that much audio has been heard, all of it unvoiced, the session offers a
+job on exactly those bounds (``Job.speculative``): the final's computation, started early. If the
+utterance then closes there, that result is the final (same audio, same tokens): it comes out of
+``feed``/``finish`` after the ``speech_stopped`` when the result is in, else out of ``complete``;
+no final job is queued. If speech resumes, the result is a partial on a prefix of the utterance
+(out of ``feed``, or of ``complete`` when it comes later), and the utterance goes on as before.
+The engine sees a speculative job as a partial (``final=False``), so it keeps the utterance's state:
+a driver that enables speculation releases that state once the utterance's final is out
+(``finalized``).
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ class SessionOptions:
     vad: VadOptions = field(default_factory=VadOptions)
     partials: bool = True
     partial_interval_ms: int = 1000  # audio between partial updates of one utterance
+    # Off by default: the driver must release the engine state of finals computed as partials (see above).
+    speculative_finals: bool = False
 
     def __post_init__(self) -> None:
         if self.partial_interval_ms < 100:
@@ -46,6 +60,23 @@ class Job:
     end: int
     final: bool
     audio: npt.NDArray[np.float32]  # float32, 16 kHz mono, end - start samples
+    speculative: bool = False  # a partial (final False) that becomes the final if the utterance closes at ``end``
+
+
+@dataclass(frozen=True)
+class _Result:
+    token_ids: tuple[int, ...]
+    text: str
+    language: str | None
+
+
+@dataclass
+class _Speculation:
+    """The speculative job of the open utterance, and its result once complete (held until the utterance
+    closes at its end or speech resumes)."""
+
+    job: Job
+    result: _Result | None = None
 
 
 class Session:
@@ -59,6 +90,8 @@ class Session:
         self._offset = 0
         self._pending = np.zeros(0, dtype=np.float32)  # less than one VAD frame, not yet classified
         self._finals: deque[Job] = deque()
+        self._speculation: _Speculation | None = None
+        self._awaited: Job | None = None  # a speculative job in flight whose result is a closed utterance's final
         self._segment = -1
         self._utterance_start = 0
         self._partial_end = 0  # audio end of the last partial job of the open utterance
@@ -81,6 +114,11 @@ class Session:
         """Utterances opened so far."""
         return self._segment + 1
 
+    @property
+    def finalized(self) -> int:
+        """The last utterance whose final is out (-1: none yet); finals come out in order."""
+        return self._finalized
+
     def feed(self, pcm: np.ndarray) -> list[Event]:
         if self.finished:
             raise RuntimeError("feed() after finish()")
@@ -93,6 +131,7 @@ class Session:
         events: list[Event] = []
         for begin in range(0, usable, FRAME):
             events += self._apply(self._segmenter.frame(base + begin, audio[begin : begin + FRAME]))
+            events += self._check_resumed()
         self._trim()
         return events
 
@@ -105,12 +144,17 @@ class Session:
         self._pending = self._pending[:0]
         return self._apply(self._segmenter.close(self.position))
 
-    def next_job(self) -> Job | None:
-        """The next piece of work for the engine: queued finals first, then a partial on the newest audio."""
+    def next_job(self, partials: bool = True) -> Job | None:
+        """The next piece of work for the engine: queued finals first, then a speculative final, then
+        (unless ``partials`` is False) a partial on the newest audio."""
         if self._finals:
             return self._finals.popleft()
+        job = self._speculate()
+        if job is not None or not partials:
+            return job
         start = self._segmenter.start
-        if not self.options.partials or start is None:
+        # A speculation holds every voiced frame heard so far: a partial now would add only silence.
+        if not self.options.partials or start is None or self._speculation is not None:
             return None
         end = self.position
         if end - max(start, self._partial_end) < self._interval:
@@ -119,17 +163,64 @@ class Session:
         return Job(self._segment, start, end, False, self._slice(start, end))
 
     def complete(self, job: Job, token_ids: Sequence[int], text: str, language: str | None) -> list[Event]:
-        """The engine's hypothesis for ``job``, as the event the client should see."""
-        if job.final:
-            self._last_text.pop(job.segment, None)
-            self._finalized = max(self._finalized, job.segment)
-            return [Final(job.segment, text, language, job.start, job.end, tuple(token_ids))]
-        if job.segment <= self._finalized:
-            return []  # the final is out: it supersedes this partial
+        """The engine's hypothesis for ``job``, as the events the client should see (perhaps none yet)."""
+        result = _Result(tuple(token_ids), text, language)
+        if job is self._awaited:  # its utterance closed at its end while it was computed
+            self._awaited = None
+        elif not job.final:
+            if self._speculation is not None and job is self._speculation.job:
+                self._speculation.result = result  # news only once the utterance closes or speech resumes
+                return []
+            return self._partial(job, result)
+        return [self._final(job, result)]
+
+    def stale(self, job: Job) -> bool:
+        """Whether ``job``, handed out and not complete, is a partial (or a speculation that did not come
+        true) of an utterance that has closed since: its final is another job, so this result could
+        only be a late partial, superseded by that final."""
+        if job.final or job is self._awaited:
+            return False
+        return job.segment < self._segment or not self._segmenter.in_speech
+
+    def _speculate(self) -> Job | None:
+        if not self.options.speculative_finals or self._speculation is not None:
+            return None
+        start, end = self._segmenter.start, self._segmenter.tentative_end
+        # (end <= start: an utterance reopened at a cut inside the silence after the last voiced frame)
+        if start is None or end is None or end <= start:
+            return None
+        job = Job(self._segment, start, end, False, self._slice(start, end), speculative=True)
+        self._speculation = _Speculation(job)
+        self._partial_end = max(self._partial_end, end)
+        return job
+
+    def _check_resumed(self) -> list[Event]:
+        """Speech resumed (a voiced frame moved the utterance's tentative end): the speculation is a partial."""
+        speculation = self._speculation
+        if speculation is None or self._segmenter.tentative_end == speculation.job.end:
+            return []
+        self._speculation = None
+        return self._abandon(speculation)
+
+    def _abandon(self, speculation: _Speculation | None) -> list[Event]:
+        # A result still being computed becomes an ordinary partial in ``complete``.
+        if speculation is None or speculation.result is None:
+            return []
+        return self._partial(speculation.job, speculation.result)
+
+    def _partial(self, job: Job, result: _Result) -> list[Event]:
+        if not self.options.partials or job.segment <= self._finalized:
+            return []  # partials off (a speculation that did not end the utterance), or superseded by the final
         # An utterance that closed while this partial was computed still shows it until its final.
+        text = result.text
         stable = stable_prefix(self._last_text.get(job.segment, ""), text)
         self._last_text[job.segment] = text
-        return [Partial(job.segment, text, stable, text[len(stable) :], job.start, job.end, tuple(token_ids))]
+        return [Partial(job.segment, text, stable, text[len(stable) :], job.start, job.end, result.token_ids)]
+
+    def _final(self, job: Job, result: _Result) -> Final:
+        self._last_text.pop(job.segment, None)
+        self._finalized = max(self._finalized, job.segment)
+        return Final(job.segment, result.text, result.language, job.start, job.end, result.token_ids)
 
     def _apply(self, changes: Sequence[Opened | Closed]) -> list[Event]:
         events: list[Event] = []
@@ -139,10 +230,21 @@ class Session:
                 self._utterance_start = self._partial_end = change.start
                 events.append(SpeechStarted(self._segment, change.start))
             else:
-                start, end = self._utterance_start, change.end
-                self._finals.append(Job(self._segment, start, end, True, self._slice(start, end)))
-                events.append(SpeechStopped(self._segment, end, change.reason))
+                events += self._close(change)
         return events
+
+    def _close(self, change: Closed) -> list[Event]:
+        start, end = self._utterance_start, change.end
+        stopped = SpeechStopped(self._segment, end, change.reason)
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and speculation.job.end == end:
+            if speculation.result is None:
+                self._awaited = speculation.job  # in flight: its complete() gives the final
+                return [stopped]
+            return [stopped, self._final(speculation.job, speculation.result)]
+        events = self._abandon(speculation)  # the held result is the utterance's last partial
+        self._finals.append(Job(self._segment, start, end, True, self._slice(start, end)))
+        return [*events, stopped]
 
     def _slice(self, start: int, end: int) -> npt.NDArray[np.float32]:
         return self._buffer[start - self._offset : end - self._offset]

@@ -73,6 +73,14 @@ class Segmenter:
     def in_speech(self) -> bool:
         return self.start is not None
 
+    @property
+    def tentative_end(self) -> int | None:
+        """Where the open utterance closes if no voiced frame follows: ``pad_ms`` after its last voiced
+        frame, once the frames up to there have been classified, all unvoiced (else None)."""
+        if self.start is None or not self._silent_frames or self._silent_frames * FRAME < self._pad:
+            return None
+        return self._last_voiced_end + self._pad
+
     def frame(self, position: int, samples: npt.NDArray[np.float32]) -> list[Opened | Closed]:
         """Classify the frame that starts at ``position``; ``samples`` is float32 in [-1, 1]."""
         pcm16 = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from asrlive.cli import main
 from asrlive.engine import DecodingOptions, load_audio, transcribe
@@ -111,3 +112,35 @@ def test_console_script_without_weights_or_network(tmp_path):
     assert "'Qwen/Qwen3-ASR-0.6B' is not in the Hugging Face cache" in proc.stderr
     assert "the download failed" in proc.stderr
     assert "hf download Qwen/Qwen3-ASR-0.6B" in proc.stderr
+
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+MODEL_COMMANDS = [["transcribe", str(CLIP)], ["serve", "--port", "0"]]
+
+
+@no_cuda
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_cuda_without_cuda_is_refused_before_the_model_loads(command, tmp_path, capsys):
+    assert main([*command, "--model", str(tmp_path / "nothing"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"asrlive {command[0]}: --device cuda: ") and "no CUDA device" in err
+    assert "cannot load the model" not in err  # the missing model was never looked for
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_quantize_without_torchao_is_refused_before_the_model_loads(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as on a machine without the package
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    assert main([*command, "--model", str(tmp_path / "nothing"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"asrlive {command[0]}: --quantize int8 needs the torchao package")
+    assert "pip install torchao" in err and "cannot load the model" not in err
+
+
+def test_transcribe_on_the_cpu_with_int8_weights(checkpoints, capsys):
+    pytest.importorskip("torchao")
+    model = str(checkpoints["hf"])
+    options = ["--dtype", "float32", "--max-new-tokens", "4", "--format", "json", "--device", "cpu"]
+    assert main(["transcribe", str(CLIP), "--model", model, *options, "--quantize", "int8"]) == 0
+    [record] = _records(capsys.readouterr().out)
+    assert 0 < len(record["token_ids"]) <= 4  # int8 rounds differently: only the shape of the answer is known

@@ -197,3 +197,135 @@ def test_feed_after_finish_is_an_error():
     session.finish()
     with pytest.raises(RuntimeError, match=r"feed\(\) after finish\(\)"):
         session.feed(np.zeros(480, dtype=np.float32))
+
+
+# -- speculative finals -----------------------------------------------------------------------------
+
+SPECULATIVE = SessionOptions(partials=False, speculative_finals=True)
+PAUSE = np.zeros(int(0.3 * SAMPLE_RATE), dtype=np.float32)  # long enough to speculate, too short to close
+
+
+def _answer(session: Session, job) -> list:
+    """The engine's answer to ``job``: a result that depends only on its audio (its bounds)."""
+    return session.complete(job, (job.start, job.end), f"{job.start}-{job.end}", None)
+
+
+def _run(session: Session, audio: np.ndarray, *, hold: int = 0, stop: int | None = None, chunk: int = 1600):
+    """Feed ``audio`` (up to ``stop``, then finish) like a transport, with an engine that answers each
+    job ``hold`` feeds after taking it, one job at a time. All events in order, and the jobs."""
+    events, jobs = [], []
+    in_flight = None  # [job, feeds before its answer]
+
+    def work(wait: bool) -> None:
+        nonlocal in_flight
+        while True:
+            if in_flight is not None:
+                if wait and in_flight[1] > 0:
+                    in_flight[1] -= 1
+                    return
+                events.extend(_answer(session, in_flight[0]))
+                in_flight = None
+            job = session.next_job()
+            if job is None:
+                return
+            jobs.append(job)
+            in_flight = [job, hold]
+
+    end = audio.size if stop is None else stop
+    for begin in range(0, end, chunk):
+        events.extend(session.feed(audio[begin : min(begin + chunk, end)]))
+        work(wait=True)
+    events.extend(session.finish())
+    work(wait=False)
+    return events, jobs
+
+
+def _finals(events) -> list:
+    return [e for e in events if isinstance(e, Final)]
+
+
+def test_a_speculative_job_is_the_final_without_a_second_computation(three_utterances):
+    audio, _ = three_utterances
+    plain_events, plain_jobs = _run(Session(SessionOptions(partials=False)), audio)
+    events, jobs = _run(Session(SPECULATIVE), audio)
+    # The same finals on the same bounds, each computed once, by a job offered before the utterance closed.
+    assert _finals(events) == _finals(plain_events) and len(_finals(events)) == 3
+    assert [(j.segment, j.start, j.end) for j in jobs] == [(j.segment, j.start, j.end) for j in plain_jobs]
+    assert all(j.speculative and not j.final for j in jobs)
+    # speech_stopped, then the final at once, out of the feed that closed the utterance.
+    assert events == plain_events
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["SpeechStarted", "SpeechStopped", "Final"] * 3
+
+
+def test_a_speculative_job_in_flight_when_its_utterance_closes_gives_the_final(speech):
+    audio = np.concatenate([GAP, speech["cards-001"], GAP])
+    session = Session(SPECULATIVE)
+    fed, job = 0, None
+    while job is None:
+        session.feed(audio[fed : fed + 480])
+        fed, job = fed + 480, session.next_job()
+    assert job.speculative and job.end == session.position  # as soon as pad_ms of unvoiced audio was heard
+    (stopped,) = session.feed(audio[fed:])  # the utterance closes at the job's end while it runs
+    assert isinstance(stopped, SpeechStopped) and stopped.end == job.end
+    assert session.next_job() is None and session.pending_finals == 0  # no second computation
+    assert not session.stale(job)
+    (final,) = _answer(session, job)
+    assert (final.segment, final.start, final.end, final.text) == (0, job.start, job.end, f"{job.start}-{job.end}")
+    assert session.finalized == 0
+
+
+def test_resumed_speech_turns_the_speculative_result_into_a_partial(speech):
+    audio = np.concatenate([GAP, speech["cards-001"], PAUSE, speech["cards-002"], GAP])
+    events, jobs = _run(Session(SessionOptions(partial_interval_ms=1000, speculative_finals=True)), audio)
+    first, second = [j for j in jobs if j.speculative]
+    # The pause: a speculation on the audio so far, delivered as an ordinary partial once speech resumed.
+    (resumed,) = [e for e in events if isinstance(e, Partial) and e.audio_end == first.end]
+    assert (resumed.segment, resumed.start, resumed.text) == (0, first.start, f"{first.start}-{first.end}")
+    assert events.index(resumed) < next(i for i, e in enumerate(events) if isinstance(e, SpeechStopped))
+    # One utterance: its final is the second speculation, on the same bounds as without speculating.
+    plain_events, _ = _run(Session(SessionOptions(partial_interval_ms=1000)), audio)
+    (final,) = _finals(events)
+    assert _finals(plain_events) == [final] and (final.start, final.end) == (second.start, second.end)
+    assert not any(j.final for j in jobs)
+
+
+def test_resumed_speech_with_partials_off_drops_the_speculative_result(speech):
+    audio = np.concatenate([GAP, speech["cards-001"], PAUSE, speech["cards-002"], GAP])
+    for hold in (0, 2):  # answered before speech resumes, or after
+        events, jobs = _run(Session(SPECULATIVE), audio, hold=hold)
+        assert [type(e).__name__ for e in events] == ["SpeechStarted", "SpeechStopped", "Final"]
+        assert len(jobs) == 2 and all(j.speculative for j in jobs)
+
+
+def test_a_partial_is_stale_once_its_utterance_closed_with_a_final_of_its_own(speech):
+    audio = np.concatenate([GAP, speech["librivox-0880"], GAP])
+    session = Session(SessionOptions(partial_interval_ms=500, speculative_finals=True))
+    fed, partial = 0, None
+    while partial is None:
+        session.feed(audio[fed : fed + 1600])
+        fed, partial = fed + 1600, session.next_job()
+    assert not partial.speculative and not session.stale(partial)
+    session.feed(audio[fed:])  # closes the utterance while the partial runs: the final is queued
+    assert session.stale(partial) and session.pending_finals == 1
+    (final,) = _drain(session)
+    assert final.final and not session.stale(final)
+
+
+@pytest.mark.parametrize("hold", [0, 3, 8])
+def test_finish_during_a_speculation_never_loses_or_repeats_a_final(speech, hold):
+    """The stream ends at every point of it, with the engine answering at once or some feeds later
+    (8 feeds: after the utterance closed): every utterance gets exactly its final, on the bounds it
+    has without speculation."""
+    audio = np.concatenate([GAP, speech["cards-003"], GAP, speech["goforward"], GAP])
+    for stop in range(2 * SAMPLE_RATE, audio.size, 800):
+        expected, _ = _run(Session(SessionOptions(partials=False)), audio, stop=stop, chunk=800)
+        events, jobs = _run(Session(SPECULATIVE), audio, hold=hold, stop=stop, chunk=800)
+        assert _finals(events) == _finals(expected), stop
+        assert [e for e in events if not isinstance(e, Final)] == [e for e in expected if not isinstance(e, Final)]
+        segments = [f.segment for f in _finals(events)]
+        assert segments == sorted(set(segments)) == list(range(len(segments)))
+        for final in _finals(events):  # after its speech_stopped; computed once
+            stopped = next(e for e in events if isinstance(e, SpeechStopped) and e.segment == final.segment)
+            assert events.index(stopped) < events.index(final)
+            assert sum((j.start, j.end) == (final.start, final.end) for j in jobs) == 1

@@ -207,7 +207,9 @@ class Connection:
         assert self._stream is not None
         # The utterance the ending cuts short closes: its speech_stopped (reason finish) is the one
         # event besides finals that may follow an error, so it bypasses _send_events' filter.
-        for event in self._stream.session.finish():
+        events = self._stream.session.finish()
+        self._observe(events)  # a final whose speculative result was in already comes out of finish()
+        for event in events:
             self._send(event.to_json())
         scheduler = self.server.scheduler
         scheduler.wake()
@@ -279,7 +281,9 @@ class Connection:
 
     def _open(self, start: Start, language: str | None, transport_fields: dict[str, Any]) -> None:
         interval = start.partial_interval_ms or self.options.session.partial_interval_ms
-        session = Session(replace(self.options.session, partials=start.partials, partial_interval_ms=interval))
+        # Speculative finals: the scheduler releases the engine state of a final computed as a partial.
+        options = replace(self.options.session, partials=start.partials, partial_interval_ms=interval)
+        session = Session(replace(options, speculative_finals=True))
         decoding = replace(self.options.decoding, language=language, context=start.context)
         self._stream = Stream(session, decoding, self)
         self.server.scheduler.add(self._stream)
@@ -312,7 +316,9 @@ class Connection:
         if len(self._arrival_positions) > 2 * _ARRIVALS_KEPT:
             del self._arrival_positions[:_ARRIVALS_KEPT], self._arrival_times[:_ARRIVALS_KEPT]
         self.server.metrics.audio(pcm.size / SAMPLE_RATE)
-        self._send_events(self._stream.session.feed(pcm))
+        events = self._stream.session.feed(pcm)
+        self._observe(events)  # a final whose speculative result was in already comes out of feed()
+        self._send_events(events)
         self.server.scheduler.wake()
 
     def _arrival(self, sample: int) -> float:
@@ -325,16 +331,27 @@ class Connection:
     def on_result(self, job: Job, events: list[Event]) -> None:
         now = time.monotonic()
         latency = now - self._arrival(job.end)
-        for event in events:
-            if isinstance(event, Partial | Final):
-                histogram = self.server.metrics.final_latency if job.final else self.server.metrics.partial_latency
-                histogram.observe(latency)
-                self.latency = (latency, now)
+        self._observe(events)
         self._send_events(events)
         if latency > self.options.lag_warning_s and now - self._last_lag_event >= LAG_EVENT_INTERVAL_S:
             self._last_lag_event = now
             pending = self._stream.session.pending_finals if self._stream else 0
             self._send({"type": "lag", "seconds": round(latency, 3), "pending_finals": pending})
+
+    def _observe(self, events: list[Event]) -> None:
+        """The latency of each result: from the arrival of the last audio it covers until now."""
+        now = time.monotonic()
+        for event in events:
+            # By the event, not the job: a speculative job's result may become either.
+            if isinstance(event, Final):
+                histogram, end = self.server.metrics.final_latency, event.end
+            elif isinstance(event, Partial):
+                histogram, end = self.server.metrics.partial_latency, event.audio_end
+            else:
+                continue
+            latency = now - self._arrival(end)
+            histogram.observe(latency)
+            self.latency = (latency, now)
 
     def on_failure(self, error: BaseException) -> None:
         self._fail(error, "transcription failed")

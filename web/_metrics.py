@@ -57,7 +57,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "asrlive_batch_streams",
-            "Streams per inference batch",
+            "Computations (streams) in one inference round",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16),
             registry=registry,
         )

@@ -17,7 +17,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port (see AsrServer.port)
     max_sessions: int = 16
-    max_batch: int = 8  # streams per inference batch
+    max_batch: int = 8  # computations (one per stream) in flight in the inference thread at once
     max_frame_bytes: int = 256 * 1024
     idle_timeout_s: float = 30.0
     max_session_s: float = 4 * 3600.0

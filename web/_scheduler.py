@@ -1,30 +1,53 @@
-"""One inference thread owns the model; the scheduler batches the pending work of every stream.
+"""One inference thread owns the model and runs a continuous batch; the event loop feeds it jobs.
 
 The event loop owns the sessions (``feed``, ``next_job`` and ``complete`` are cheap and never
-touch torch); the inference thread owns the model and every stream's engine state. A batch is
-one job per stream with work (queued finals first, else a partial on its newest audio), at most
-``max_batch`` streams, taken round-robin. While a batch runs, audio keeps arriving: the next
-partial of a stream covers everything that came in meanwhile, so partials coalesce under load
-and finals wait their turn, never dropped.
+touch torch). The inference thread owns the model, the ``ContinuousBatch`` (engine/_batch.py) and
+every stream's engine state (its ``StreamTranscriber``). They meet at two points only: an inbox
+the thread empties between rounds (admit a job, cancel one, release utterances' state, stop), and
+``call_soon_threadsafe``, which hands each round's finished computations to the event loop.
+
+A round is one batched encoder forward and one ragged LLM forward over every computation in
+flight. A job admitted now joins at the next round, whatever the others still have to do: nobody
+waits for a batch to finish. Each stream has at most one computation in flight (its jobs share the
+stream's transcriber), and at most ``max_batch`` are in flight. Whenever a slot is free, the event
+loop admits the queued finals and speculative finals of every stream first, then partials,
+round-robin. A partial is taken from its session only when it is admitted, so it covers the newest
+audio however long it waited: under load partials coalesce, and finals wait for a slot, never
+dropped.
+
+Stale partials. A partial in flight (or a speculative final that did not become the final) is
+*stale* once the session has closed its utterance and queued that utterance's final job
+(``Session.stale``). The final covers the utterance's audio, and with one computation per stream it
+could start only after the partial; the partial's result would be a caption superseded a moment
+later. So it is cancelled between two rounds (or dropped, if it went stale during its last round):
+its result is never delivered, and the final is admitted at once. A speculative final whose
+utterance closed exactly at its end is not stale: its result is the final. A partial waiting for a
+slot never goes stale: it is taken from the session only when it is admitted.
+
+Speculative finals reach the engine as partials (``final=False``), so the engine keeps their
+utterance's state; whenever a session's finals advance (``Session.finalized``), the thread is told
+to release every utterance up to the newest final, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber, run_batch
+from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber
+from asrlive.engine._batch import ContinuousBatch, Finished
 from asrlive.streaming import SAMPLE_RATE, Event, Job, Session
 
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
-    from asrlive.engine._model import Steps
+    from asrlive.engine._steps import Steps
 
 log = logging.getLogger("asrlive.server")
 
@@ -44,9 +67,36 @@ class Stream:
     decoding: DecodingOptions
     listener: Listener
     transcriber: StreamTranscriber | None = None  # created and used in the inference thread only
-    in_flight: bool = False
-    closed: bool = False
+    closed: bool = False  # removed, or its engine failed: no more work
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    work: _Work | None = None  # its computation in flight, as the event loop sees it
+    released: int = -1  # the engine state of utterances up to this one is released
+
+    @property
+    def in_flight(self) -> bool:
+        return self.work is not None
+
+
+@dataclass(eq=False)
+class _Work:
+    """One job of one stream; the batch key, so that the result of a cancelled job is recognised."""
+
+    stream: Stream
+    job: Job
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    work: _Work
+
+
+@dataclass(frozen=True)
+class _Release:
+    stream: Stream
+    segments: range
+
+
+_Message = _Work | _Cancel | _Release | None  # a _Work is admitted; None stops the thread
 
 
 class Scheduler:
@@ -57,32 +107,43 @@ class Scheduler:
         self.metrics = metrics
         self.max_batch = max_batch
         self._make = make_transcriber or StreamTranscriber
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asrlive-inference")
         self._streams: list[Stream] = []
-        self._next = 0  # round-robin start
+        self._next = 0  # round-robin start for partials
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.last_progress = time.monotonic()  # when a batch last completed
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.last_progress = time.monotonic()  # when a round last completed
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._infer, args=(loop,), name="asrlive-inference", daemon=True)
+        self._thread.start()
         self._task = asyncio.create_task(self._run(), name="asrlive-scheduler")
 
     async def stop(self) -> None:
+        self._stopped = True  # the results of a round still running are dropped
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        # Waits for a running batch: the model must not be torn down under it.
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if self._thread is not None:
+            self._inbox.put(None)
+            # Waits for the round in progress: the model must not be torn down under it.
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def add(self, stream: Stream) -> None:
         self._streams.append(stream)
         self.wake()
 
     def remove(self, stream: Stream) -> None:
-        """Forget the stream; a batch it is in finishes, and its result is dropped."""
+        """Forget the stream; its computation in flight is cancelled, and nothing more is delivered to it."""
         stream.closed = True
         if stream in self._streams:
             self._streams.remove(stream)
+        if stream.work is not None:
+            self._cancel(stream)
+            self.wake()  # a slot is free
 
     def wake(self) -> None:
         self._wake.set()
@@ -91,59 +152,132 @@ class Scheduler:
     def streams(self) -> int:
         return len(self._streams)
 
+    # -- the event loop's side ---------------------------------------------------------------------
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while batch := self._collect():
-                await self._compute(batch)
+            self._schedule()
 
-    def _collect(self) -> list[tuple[Stream, Job]]:
-        count = len(self._streams)
-        order = [self._streams[(self._next + i) % count] for i in range(count)]
-        self._next = (self._next + 1) % max(count, 1)
-        batch: list[tuple[Stream, Job]] = []
-        for stream in order:
-            job = stream.session.next_job() if len(batch) < self.max_batch else None
-            if job is not None:
-                stream.in_flight = True
-                batch.append((stream, job))
-            else:
-                self._check_drained(stream)
-        return batch
-
-    async def _compute(self, batch: list[tuple[Stream, Job]]) -> None:
-        started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._infer, batch)
-        self.last_progress = time.monotonic()
-        elapsed = self.last_progress - started
-        self.metrics.busy(elapsed, len(batch))
-        if log.isEnabledFor(logging.DEBUG):
-            kinds = [f"{'final' if j.final else 'partial'} {(j.end - j.start) / SAMPLE_RATE:.1f}s" for _, j in batch]
-            jobs = ", ".join(kinds)
-            log.debug("batch of %d in %.2f s: %s", len(batch), elapsed, jobs)
-        for (stream, job), result in zip(batch, results, strict=True):
-            stream.in_flight = False
-            if stream.closed:
-                continue
-            if isinstance(result, BaseException):
-                log.error("inference failed for a stream", exc_info=result)
-                stream.listener.on_failure(result)
-                continue
-            events = stream.session.complete(job, result.token_ids, result.text, result.language)
-            stream.listener.on_result(job, events)
+    def _schedule(self) -> None:
+        """Release what the engine may forget, cancel stale partials, fill the free slots."""
+        for stream in self._streams:
+            self._release_finalized(stream)
+            if stream.work is not None and stream.session.stale(stream.work.job):
+                log.debug("stale partial of segment %d cancelled", stream.work.job.segment)
+                self._cancel(stream)
+        self._admit()
+        for stream in self._streams:
             self._check_drained(stream)
 
-    def _infer(self, batch: list[tuple[Stream, Job]]) -> list[Any]:
-        return run_batch(self.model, [self._computation(stream, job) for stream, job in batch])
+    def _admit(self) -> None:
+        count = len(self._streams)
+        order = [self._streams[(self._next + i) % count] for i in range(count)]
+        free = self.max_batch - sum(stream.work is not None for stream in order)
+        for partials in (False, True):  # the finals of every stream before any partial
+            for stream in order:
+                if free <= 0:
+                    return
+                if stream.work is not None or stream.closed:
+                    continue
+                job = stream.session.next_job(partials=partials)
+                if job is None:
+                    continue
+                self._start(stream, job)
+                free -= 1
+                if partials:
+                    self._next = (self._streams.index(stream) + 1) % count
 
-    def _computation(self, stream: Stream, job: Job) -> Steps[Hypothesis]:
+    def _start(self, stream: Stream, job: Job) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            kind = "final" if job.final else "speculative final" if job.speculative else "partial"
+            log.debug("admitted: %s of segment %d, %.1f s", kind, job.segment, (job.end - job.start) / SAMPLE_RATE)
+        stream.work = work = _Work(stream, job)
+        self._inbox.put(work)
+
+    def _cancel(self, stream: Stream) -> None:
+        assert stream.work is not None
+        self._inbox.put(_Cancel(stream.work))
+        stream.work = None
+
+    def _release_finalized(self, stream: Stream) -> None:
+        finalized = stream.session.finalized
+        if finalized > stream.released:
+            self._inbox.put(_Release(stream, range(stream.released + 1, finalized + 1)))
+            stream.released = finalized
+
+    def _on_round(self, finished: list[Finished], seconds: float, computations: int) -> None:
+        if self._stopped:
+            return
+        self.last_progress = time.monotonic()
+        self.metrics.busy(seconds, computations)
+        for item in finished:
+            work = cast(_Work, item.key)
+            stream = work.stream
+            if stream.work is not work:  # cancelled: the stream went, or the partial went stale
+                continue
+            stream.work = None
+            if not stream.session.stale(work.job):  # (it may have gone stale during its last round)
+                self._deliver(stream, work.job, item.result)
+        self._schedule()
+
+    def _deliver(self, stream: Stream, job: Job, result: Any) -> None:
+        if isinstance(result, BaseException):
+            log.error("inference failed for a stream", exc_info=result)
+            stream.closed = True  # its engine state may be half updated
+            stream.listener.on_failure(result)
+            return
+        hypothesis = cast(Hypothesis, result)
+        events = stream.session.complete(job, hypothesis.token_ids, hypothesis.text, hypothesis.language)
+        stream.listener.on_result(job, events)
+
+    def _check_drained(self, stream: Stream) -> None:
+        if stream.session.finished and stream.work is None and not stream.session.pending_finals:
+            stream.drained.set()
+
+    # -- the inference thread ----------------------------------------------------------------------
+
+    def _infer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Between rounds, whatever the event loop sent (waiting for it only when idle); then a round."""
+        batch = ContinuousBatch(self.model)
+        while True:
+            messages = self._take(wait=not len(batch))
+            started = time.monotonic()  # admitting runs model code too (up to each job's first request)
+            admitted = False
+            for message in messages:
+                if message is None:
+                    return
+                admitted |= self._handle(batch, message)
+            if not admitted and not len(batch):
+                continue
+            finished = batch.step()
+            # Computations in this round: those still running and those it finished.
+            loop.call_soon_threadsafe(self._on_round, finished, time.monotonic() - started, len(finished) + len(batch))
+
+    def _take(self, wait: bool) -> list[_Message]:
+        messages = [self._inbox.get()] if wait else []
+        while not self._inbox.empty():
+            messages.append(self._inbox.get_nowait())
+        return messages
+
+    def _handle(self, batch: ContinuousBatch, message: _Work | _Cancel | _Release) -> bool:
+        """Apply one message; whether it admitted a computation."""
+        if isinstance(message, _Cancel):
+            batch.cancel(message.work)
+        elif isinstance(message, _Release):
+            transcriber = message.stream.transcriber
+            if transcriber is not None:
+                for segment in message.segments:
+                    transcriber.release(segment)
+        else:
+            batch.add(message, self._computation(message))
+            return True
+        return False
+
+    def _computation(self, work: _Work) -> Steps[Hypothesis]:
+        stream, job = work.stream, work.job
         if stream.transcriber is None:
             stream.transcriber = self._make(self.model, stream.decoding)
         hypothesis: Hypothesis = yield from stream.transcriber.transcribe_steps(job.segment, job.audio, job.final)
         return hypothesis
-
-    def _check_drained(self, stream: Stream) -> None:
-        if stream.session.finished and not stream.in_flight and not stream.session.pending_finals:
-            stream.drained.set()
