@@ -103,7 +103,7 @@ def check_device_options(device: str, quantize: str | None) -> torch.device:
     except ValueError as exc:
         raise UsageError(f"--device {device}: {exc}") from None
     try:
-        check_quantize(quantize, resolved)
+        check_quantize(quantize)
     except ModelLoadError as exc:  # torchao missing: the message names the flag and the package
         raise UsageError(str(exc)) from None
     return resolved

@@ -65,7 +65,6 @@ class UtteranceDecoder:
         # The prompt prefix is the same for every utterance of a stream: its KV is copied, not recomputed.
         self._cache = prefix_cache.copy() if prefix_cache is not None else prefix_kv(model, prompt)
         self._prefix_len = len(prompt.prefix)
-        self._kv_tokens = 0  # audio tokens of completed windows in the KV cache
         self._kv_windows = 0  # completed windows whose audio tokens are in the KV cache
         self.draft: list[int] = []
         self.windows_encoded = 0  # completed 8 s windows run through the encoder, re-encodes included
@@ -91,7 +90,7 @@ class UtteranceDecoder:
         complete = self.mel.n_final // self.frames_per_window
         # 2. Front end of complete chunks, kept unless their features changed; completed windows
         #    are re-encoded only when one of their chunks changed.
-        self._refresh_chunks(features, complete * per_window)
+        self._refresh_chunks(features, complete)
         for index in range(len(self._windows), complete):
             window = yield Encode(self._front(index * per_window, (index + 1) * per_window))
             self._windows.append(window)
@@ -101,11 +100,10 @@ class UtteranceDecoder:
         open_embeds = (yield Encode(open_front)) if open_front.shape[0] else self._suffix[:0]
         # 4. Back to the causal-invariant prefix, then one prefill: new complete windows, the
         #    open window, the prompt suffix and the draft.
-        self._cache.truncate(self._prefix_len + self._kv_tokens)
+        self._cache.truncate(self._prefix_len + sum(w.shape[0] for w in self._windows[: self._kv_windows]))
         draft = self.draft[:max_new_tokens]
         pieces = [*self._windows[self._kv_windows : complete], open_embeds, self._suffix, self.model.embed(draft)]
         predicted = (yield Step(torch.cat(pieces), self._cache, len(draft) + 1)).tolist()
-        self._kv_tokens += sum(w.shape[0] for w in self._windows[self._kv_windows : complete])
         self._kv_windows = complete
         # 5. Keep the draft up to the first disagreement and drop the rejected tokens' KV.
         accepted = self._accept(draft, predicted)
@@ -116,7 +114,7 @@ class UtteranceDecoder:
         language, text = parse_answer(self.model.decode_text(tokens), self.forced_language)
         return Hypothesis(tuple(tokens), language, text, accepted)
 
-    def _refresh_chunks(self, features: torch.Tensor, in_windows: int) -> None:
+    def _refresh_chunks(self, features: torch.Tensor, complete_windows: int) -> None:
         """Bring the front-end cache up to the complete chunks; forget windows built on a changed chunk."""
         size = self.frames_per_chunk
         complete = self.mel.n_final // size
@@ -135,12 +133,10 @@ class UtteranceDecoder:
             self.chunks_computed += len(fronts)
         # A window is valid while all of its chunks are; the KV cache holds only valid windows.
         per_window = self.frames_per_window // size
-        valid = min(changed // per_window, in_windows // per_window)
+        valid = min(changed // per_window, complete_windows)
         if valid < len(self._windows):
             del self._windows[valid:]
-        if valid < self._kv_windows:
-            self._kv_windows = valid
-            self._kv_tokens = sum(w.shape[0] for w in self._windows[:valid])
+        self._kv_windows = min(self._kv_windows, valid)
 
     def _front(self, first: int, end: int) -> torch.Tensor:
         return torch.cat([chunk.front for chunk in self._chunks[first:end]])

@@ -179,7 +179,7 @@ class AsrModel:
         """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
-        check_quantize(quantize, torch_device)
+        check_quantize(quantize)
         checkpoint = read_checkpoint(resolve_model_dir(model))
         network = load_network(checkpoint, torch_dtype)
         tokenizer = _load_tokenizer(checkpoint.path)

@@ -17,10 +17,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +57,7 @@ def can_pack_weights(dtype: torch.dtype) -> bool:
     return True
 
 
-def check_quantize(quantize: str | None, device: torch.device) -> None:
+def check_quantize(quantize: str | None) -> None:
     """Refuse an unknown scheme, or int8 without torchao, before any weights are read."""
     if quantize is None:
         return
@@ -122,23 +119,9 @@ def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 def _torchao() -> Any:  # the module; torchao ships no type information
-    """torchao, imported quietly: it reports missing optional CUDA kernels on stderr and through logging."""
+    """torchao (its start-up chatter is silenced where the engine package is imported: engine/__init__.py)."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()), _quiet("torch", "torchao"):
-            import torchao.quantization  # type: ignore[import-untyped]
+        import torchao.quantization  # type: ignore[import-untyped]
     except ImportError as exc:
         raise ModelLoadError(f"--quantize int8 needs the torchao package ({exc}): pip install torchao") from exc
     return torchao
-
-
-@contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
