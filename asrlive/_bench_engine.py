@@ -294,4 +294,4 @@ def _plural(n: int, word: str) -> str:
 
 
 def _progress(what: str) -> None:
-    print(f"asrlive bench engine: {what} ...", file=sys.stderr, flush=True)
+    print(f"asrlive bench: {what} ...", file=sys.stderr, flush=True)

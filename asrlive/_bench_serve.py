@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from asrlive._audio import SAMPLE_RATE
+from asrlive._bench_align import bench_aligner
 from asrlive._bench_stream import PROMPT, ScriptedTranscriber, Setup, bench_model, dump_json, looped_speech
 from asrlive.clients._loadtest import LoadReport, run_load
 from asrlive.web import AsrServer, ServerOptions
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from asrlive.engine import AsrModel, DecodingOptions
+    from asrlive.engine._aligner import Aligner
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ServeBenchOptions:
     interval_ms: int
     audio: Path | None
     json: bool
+    timestamps: bool = False  # each row also with word timestamps on every final
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ServeRow:
     max_batch: int
     sessions: int
     report: LoadReport
+    timestamps: bool = False
 
     def figures(self) -> dict[str, Any]:
         report = self.report
@@ -61,6 +65,7 @@ class ServeRow:
         return {
             "batch": self.max_batch,
             "sessions": self.sessions,
+            "timestamps": self.timestamps,
             "rtf": report.real_time_factor,
             "partial_p50_s": _percentile(report.partial_latencies, 50),
             "partial_p95_s": _percentile(report.partial_latencies, 95),
@@ -82,15 +87,17 @@ class ServeRow:
             value = f[key]
             return "n/a" if value is None else f"{value:.2f}"
 
+        times = "words" if self.timestamps else "-"
         return (
-            f"{self.max_batch:>5} {self.sessions:>8} {s('rtf'):>5} {s('partial_p50_s'):>11} {s('partial_p95_s'):>6} "
+            f"{self.max_batch:>5} {self.sessions:>8} {times:>5} {s('rtf'):>5} {s('partial_p50_s'):>11} "
+            f"{s('partial_p95_s'):>6} "
             f"{s('partials_per_s'):>10} {s('final_p50_s'):>9} {s('final_p95_s'):>6} "
             f"{s('final_p50_first_half_s'):>8} {s('final_p50_second_half_s'):>8} {f['lost_finals']:>5} {f['errors']:>6}"
         )
 
 
 HEADER = (
-    f"{'batch':>5} {'sessions':>8} {'RTF':>5} {'partial p50':>11} {'p95':>6} {'partials/s':>10} "
+    f"{'batch':>5} {'sessions':>8} {'times':>5} {'RTF':>5} {'partial p50':>11} {'p95':>6} {'partials/s':>10} "
     f"{'final p50':>9} {'p95':>6} {'1st half':>8} {'2nd half':>8} {'lost':>5} {'errors':>6}"
 )
 
@@ -104,11 +111,18 @@ def _transcriber(model: AsrModel, decoding: DecodingOptions) -> ScriptedTranscri
 
 
 async def _measure(
-    model: AsrModel, max_batch: int, sessions: int, clips: list[np.ndarray], interval_ms: int
+    model: AsrModel,
+    aligner: Aligner | None,
+    max_batch: int,
+    sessions: int,
+    clips: list[np.ndarray],
+    interval_ms: int,
 ) -> LoadReport:
     options = ServerOptions(port=0, max_batch=max_batch, max_sessions=sessions, max_lag_s=0)
-    async with AsrServer(model, options, _transcriber) as server:
-        return await run_load(server.url, clips, sessions, partial_interval_ms=interval_ms)
+    async with AsrServer(model, options, _transcriber, aligner) as server:
+        return await run_load(
+            server.url, clips, sessions, partial_interval_ms=interval_ms, timestamps=aligner is not None
+        )
 
 
 def _clips(duration: float, sessions: int, audio_path: Path | None) -> list[np.ndarray]:
@@ -122,14 +136,21 @@ def bench_serve(options: ServeBenchOptions) -> None:
     print(f"building a random-weight {options.size} network ...", file=sys.stderr, flush=True)
     model = bench_model(options.size, options.dtype, options.device, options.quantize)
     model.pack_weights()  # as the server does
+    aligner = None
+    if options.timestamps:
+        print("building a random-weight Qwen3-ForcedAligner-0.6B ...", file=sys.stderr, flush=True)
+        aligner = bench_aligner(options.dtype, options.device, options.quantize)
+        aligner.pack_weights()
     clips = _clips(options.duration, max(options.counts), options.audio)
     rows = []
     for max_batch in options.batches:
         for sessions in options.counts:
-            print(f"batch {max_batch}, {sessions} sessions ...", file=sys.stderr, flush=True)
-            report = asyncio.run(_measure(model, max_batch, sessions, clips, options.interval_ms))
-            rows.append(ServeRow(max_batch, sessions, report))
-            print(rows[-1].line(), file=sys.stderr, flush=True)
+            for with_words in (None, aligner) if aligner is not None else (None,):
+                words = " with word timestamps" if with_words is not None else ""
+                print(f"batch {max_batch}, {sessions} sessions{words} ...", file=sys.stderr, flush=True)
+                report = asyncio.run(_measure(model, with_words, max_batch, sessions, clips, options.interval_ms))
+                rows.append(ServeRow(max_batch, sessions, report, with_words is not None))
+                print(rows[-1].line(), file=sys.stderr, flush=True)
     setup = Setup.of(options.size, model)
     if options.json:
         print(dump_json(_json(setup, options, rows)), flush=True)
@@ -145,7 +166,8 @@ def _table(setup: Setup, options: ServeBenchOptions, rows: Sequence[ServeRow]) -
         "RTF: engine busy time / wall time (1.0 = saturated); latencies measured by the clients, in seconds; "
         "final latency: from sending the audio at the final's end to receiving it",
         "1st half, 2nd half: final latency p50 of the finals ending in the first, the second half of the sessions; "
-        "lost: finals that never came",
+        "lost: finals that never came; times: words, every final carries word timestamps (Qwen3-ForcedAligner-0.6B "
+        "shapes, random weights)",
         "",
         HEADER,
         *(row.line() for row in rows),

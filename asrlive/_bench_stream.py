@@ -53,18 +53,19 @@ def target_tokens(seconds: float) -> int:
     return LANGUAGE_TAG + round(TOKENS_PER_SECOND * seconds)
 
 
-class _NoText:
-    """Random weights write no language: only token counts matter, so nothing is detokenized.
+class SimulatedText:
+    """Random weights write no language: only token counts matter, so every token reads as one word.
 
     The prompt is given as ids (``PROMPT``), so nothing is ever encoded; with no added vocabulary
-    the bench's server has no control tokens to refuse in a context.
+    the bench's server has no control tokens to refuse in a context. The words give the forced
+    aligner (``bench align``, ``bench serve --timestamps``) as many units as the text has tokens.
     """
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         raise RuntimeError("the bench's tokenizer has no vocabulary: its prompt is given as token ids")
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return ""
+        return " ".join("w" for _ in token_ids)
 
     def get_added_vocab(self) -> dict[str, int]:
         return {}
@@ -140,7 +141,7 @@ def bench_model(size: str, dtype: torch.dtype, device: str | None = None, quanti
     network = random_network(size, dtype)
     info = ModelInfo(f"random-{size}", Path("."), "hf", dtype, device=resolve_device(device), quantize=quantize)
     extractor = Qwen3ASRFeatureExtractor()  # type: ignore[no-untyped-call]  # its __init__ is unannotated
-    return AsrModel(network, _NoText(), extractor, info)
+    return AsrModel(network, SimulatedText(), extractor, info)
 
 
 def finite(value: float) -> float | None:

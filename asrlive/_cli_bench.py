@@ -26,6 +26,7 @@ def add_command(commands: Commands) -> None:
     bench = commands.add_parser("bench", help="speed measurements", description="Speed measurements.")
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     _add_engine(which)
+    _add_align(which)
     _add_stream(which)
     _add_serve(which)
 
@@ -49,6 +50,20 @@ def _add_engine(which: Commands) -> None:
     engine.add_argument("--repeats", type=int, default=5, help="timed runs per figure, the best kept (default: 5)")
     _add_common(engine)
     engine.set_defaults(run=_run_bench_engine)
+
+
+def _add_align(which: Commands) -> None:
+    align = which.add_parser(
+        "align",
+        help="what word timestamps cost: the forced aligner over 2 to 30 s of speech",
+        description="At the true shapes of Qwen3-ForcedAligner-0.6B (random weights): the encoder, the LLM forward "
+        "and the whole alignment of 2, 5, 10 and 30 s of real speech with a transcript of 2.5 words per second; "
+        "the cost per second of audio.",
+    )
+    align.add_argument("--repeats", type=int, default=3, help="timed runs per figure, the best kept (default: 3)")
+    align.add_argument("--audio", type=Path, default=None, help="speech to loop (default: the test fixtures)")
+    _add_common(align)
+    align.set_defaults(run=_run_bench_align)
 
 
 def _add_stream(which: Commands) -> None:
@@ -85,6 +100,12 @@ def _add_serve(which: Commands) -> None:
     serve.add_argument("--duration", type=float, default=30.0, help="seconds of audio per session (default: 30)")
     serve.add_argument("--partial-interval-ms", type=int, default=1000, help="(default: %(default)s)")
     serve.add_argument("--audio", type=Path, default=None, help="speech to loop (default: the test fixtures)")
+    serve.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="run every row twice, the second time with word timestamps on every final (a random-weight "
+        "Qwen3-ForcedAligner-0.6B on the server): their effect on latency, side by side",
+    )
     _add_common(serve)
     serve.set_defaults(run=_run_bench_serve)
 
@@ -121,6 +142,15 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
     from asrlive._bench_engine import EngineBenchOptions, bench_engine
 
     bench_engine(EngineBenchOptions(args.size, dtype, args.device, args.quantize, args.repeats, args.json))
+    return 0
+
+
+def _run_bench_align(args: argparse.Namespace) -> int:
+    _at_least("--repeats", args.repeats, 1)
+    dtype = _dtype(args)
+    from asrlive._bench_align import AlignBenchOptions, bench_align
+
+    bench_align(AlignBenchOptions(dtype, args.device, args.quantize, args.repeats, args.audio, args.json))
     return 0
 
 
@@ -163,6 +193,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         duration=args.duration,
         interval_ms=args.partial_interval_ms,
         audio=args.audio,
+        timestamps=args.timestamps,
         json=args.json,
     )
     bench_serve(options)

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from asrlive.engine import DEFAULT_MODEL, DTYPE_NAMES
-from asrlive.engine._options import DEVICE_HELP, QUANTIZE_NAMES
+from asrlive.engine._options import DEFAULT_ALIGNER, DEVICE_HELP, QUANTIZE_NAMES
 
 if TYPE_CHECKING:
     import torch
 
     from asrlive.engine import AsrModel
+    from asrlive.engine._aligner import Aligner
 
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -69,6 +70,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     add_dtype_option(parser, "bfloat16 where the hardware computes in it, else float32")
     add_device_options(parser)
+
+
+def add_aligner_option(parser: argparse.ArgumentParser, default_help: str | None = None) -> None:
+    """``--aligner``: the forced aligner (word timestamps), found and loaded by the same rules as ``--model``.
+
+    With ``default_help`` it has no default value (None: the command decides, and says so there).
+    """
+    parser.add_argument(
+        "--aligner",
+        metavar="ID_OR_DIR",
+        default=DEFAULT_ALIGNER if default_help is None else None,
+        help="Qwen3-ForcedAligner for word timestamps: Hugging Face id or local checkpoint directory "
+        f"(default: {default_help or DEFAULT_ALIGNER})",
+    )
 
 
 def add_dtype_option(parser: argparse.ArgumentParser, default_help: str) -> None:
@@ -156,6 +171,18 @@ def load_model(model: str, dtype: str, device: str = "auto", quantize: str | Non
         return AsrModel.load(model, dtype, device=device, quantize=quantize)
     except ModelLoadError as exc:
         raise UsageError(f"cannot load the model.\n{exc}") from None
+
+
+def load_aligner(aligner: str, dtype: str, device: str = "auto", quantize: str | None = None) -> Aligner:
+    """Load the forced aligner for a command, like ``load_model``: one that cannot be had is a usage error."""
+    quiet_libraries()
+    from asrlive.engine import ModelLoadError
+    from asrlive.engine._aligner import Aligner
+
+    try:
+        return Aligner.load(aligner, dtype, device=device, quantize=quantize)
+    except ModelLoadError as exc:
+        raise UsageError(f"cannot load the aligner.\n{exc}") from None
 
 
 def quiet_libraries() -> None:

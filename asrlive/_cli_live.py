@@ -80,6 +80,11 @@ def _add_client_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--context", default="", help="text to bias the transcription: names, terms")
     cmd.add_argument("--no-partials", action="store_true", help="finals only")
     cmd.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="word times on every final, for subtitles cut at words (the server needs --aligner)",
+    )
+    cmd.add_argument(
         "--output", type=Path, default=None, metavar="FILE", help=f"write the transcript ({', '.join(FORMATS)})"
     )
 
@@ -133,6 +138,7 @@ def _live_options(args: argparse.Namespace, max_attempts: int) -> LiveOptions:
             language=args.language,
             context=args.context,
             partials=not args.no_partials,
+            timestamps=args.timestamps,
             token=args.token,
             max_attempts=max_attempts,
         )

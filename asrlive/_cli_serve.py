@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 from asrlive._cli_common import (
     EXIT_FAILED,
     UsageError,
+    add_aligner_option,
     add_model_options,
     check_device_options,
     check_input_file,
     invalid_options,
+    load_aligner,
     load_model,
     require_server_extra,
 )
@@ -39,6 +41,7 @@ def _add_serve(commands: Commands) -> None:
         "GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes every open utterance, then exits.",
     )
     add_model_options(cmd)
+    add_aligner_option(cmd, default_help='none: sessions that ask for "timestamps" are refused')
     cmd.add_argument(
         "--plain-weights",
         action="store_true",
@@ -138,11 +141,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     # websockets logs its own "server listening" and every HTTP request: the server says it once.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
     model = load_model(args.model, args.dtype, args.device, args.quantize)
+    aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize) if args.aligner else None
     if not args.plain_weights and model.pack_weights():
+        if aligner is not None:
+            aligner.pack_weights()
         logging.getLogger("asrlive.server").info("oneDNN-packed weight copies kept (exact up to float32 rounding)")
     from asrlive.web import AsrServer, run_server
 
-    server = AsrServer(model, options)
+    server = AsrServer(model, options, aligner=aligner)
 
     def ready(server: AsrServer) -> None:
         print(f"asrlive: listening on {server.url} (captions page: {server.page_url})", file=sys.stderr, flush=True)

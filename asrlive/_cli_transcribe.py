@@ -23,16 +23,20 @@ from asrlive._cli_common import (
     EXIT_FAILED,
     EXIT_USAGE,
     UsageError,
+    add_aligner_option,
     add_model_options,
     check_device_options,
     check_input_file,
     check_output_file,
     invalid_options,
+    load_aligner,
     load_model,
     require_server_extra,
     warn,
 )
+from asrlive._words import words_json
 from asrlive.engine import MAX_SEGMENT_SECONDS, DecodingOptions
+from asrlive.engine._options import DEFAULT_ALIGNER
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from asrlive._cli_common import Commands
     from asrlive.clients._transcript import Line
     from asrlive.engine import AsrModel
+    from asrlive.engine._aligner import Aligner
     from asrlive.streaming import SessionOptions
 
 # Streaming-only flags and their defaults: given without --stream they are refused, not ignored.
@@ -93,6 +98,13 @@ def add_command(commands: Commands) -> None:
         help="write to FILE (one input), or into an existing FOLDER one file per input, named after it "
         "with the format's suffix (default: standard output)",
     )
+    cmd.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="time every word with Qwen3-ForcedAligner: each piece's (or final's) text is aligned on its audio; "
+        "subtitles are cut at word times, json and jsonl list the words",
+    )
+    add_aligner_option(cmd, default_help=f"{DEFAULT_ALIGNER} with --timestamps")
     stream = cmd.add_argument_group("streaming (only with --stream)")
     stream.add_argument("--stream", action="store_true", help="feed the file through the live streaming path")
     stream.add_argument("--partial-interval-ms", type=int, help="audio between partial results (default: 1000)")
@@ -123,8 +135,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--format jsonl needs --stream")
     for path in args.audio:
         check_input_file(path)
+    if args.aligner is not None and not args.timestamps:
+        raise UsageError("--aligner: only with --timestamps")
     check_device_options(args.device, args.quantize)
     model = load_model(args.model, args.dtype, args.device, args.quantize)
+    aligner = load_aligner(args.aligner or DEFAULT_ALIGNER, args.dtype, args.device) if args.timestamps else None
     from asrlive._audio import AudioError, load_audio
 
     failed = 0
@@ -137,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             warn("transcribe", str(exc))
             failed += 1
             continue
-        _transcribe_file(model, audio, path, target, plan.format, options, session_options, args)
+        _transcribe_file(model, aligner, audio, path, target, plan.format, options, session_options, args)
     if failed == len(args.audio):
         return EXIT_USAGE
     return EXIT_FAILED if failed else 0
@@ -227,6 +242,7 @@ def _session_options(args: argparse.Namespace) -> SessionOptions | None:
 
 def _transcribe_file(
     model: AsrModel,
+    aligner: Aligner | None,
     audio: np.ndarray,
     path: str,
     target: Path | None,
@@ -247,9 +263,9 @@ def _transcribe_file(
         try:
             with progress:
                 if session_options is None:
-                    _offline(model, audio, options, sink, progress)
+                    _offline(model, aligner, audio, options, sink, progress)
                 else:
-                    _stream(model, audio, options, session_options, args.realtime, sink, progress)
+                    _stream(model, aligner, audio, options, session_options, args.realtime, sink, progress)
         except KeyboardInterrupt:
             if target is not None:
                 done = f"the first {progress.reached:.1f} s (of {seconds:.1f} s)"
@@ -258,19 +274,35 @@ def _transcribe_file(
         sink.finish()
 
 
-def _offline(model: AsrModel, audio: np.ndarray, options: DecodingOptions, sink: Sink, progress: Progress) -> None:
+def _offline(
+    model: AsrModel,
+    aligner: Aligner | None,
+    audio: np.ndarray,
+    options: DecodingOptions,
+    sink: Sink,
+    progress: Progress,
+) -> None:
     from asrlive.clients._transcript import Line
-    from asrlive.engine import transcribe
+    from asrlive.engine import Segment, transcribe
 
-    def done(segment: Any) -> None:
-        sink.piece(Line(segment.start, segment.end, segment.text, segment.language, segment.token_ids))
+    def done(segment: Segment) -> None:
+        alignment = segment.alignment
+        words = None if alignment is None else alignment.words
+        if alignment is not None and alignment.error is not None:
+            _no_words(segment.start, segment.end, alignment.error)
+        sink.piece(Line(segment.start, segment.end, segment.text, segment.language, segment.token_ids, words))
         progress.reach(segment.end)
 
-    transcribe(model, audio, options, on_segment=done)
+    transcribe(model, audio, options, on_segment=done, aligner=aligner)
+
+
+def _no_words(start: float, end: float, error: str) -> None:
+    warn("transcribe", f"no word times for {start:.1f}-{end:.1f} s: {error}")
 
 
 def _stream(
     model: AsrModel,
+    aligner: Aligner | None,
     audio: np.ndarray,
     options: DecodingOptions,
     session_options: SessionOptions,
@@ -285,10 +317,12 @@ def _stream(
 
     session = Session(session_options)
     transcriber = StreamTranscriber(model, options)
-    for event in stream_audio(session, transcriber, audio, realtime=realtime):
+    for event in stream_audio(session, transcriber, audio, realtime=realtime, aligner=aligner):
         record = event.to_json()
         sink.event(record)
         if record["type"] == "final":
+            if record.get("words_error"):
+                _no_words(record["start"], record["end"], record["words_error"])
             sink.piece(Line.from_final(record))
         progress.reach(max(record.get(key, 0.0) for key in ("start", "end", "audio_end")))
 
@@ -457,17 +491,24 @@ def transcript_record(source: str, seconds: float, lines: list[Line], segments: 
         "duration": round(seconds, 6),
         "token_ids": [token for line in lines for token in line.token_ids],
     }
+    timed = any(line.words is not None for line in lines)
+    if timed:
+        record["words"] = [word.to_json() for line in lines for word in line.words or ()]
     if segments:
-        record["segments"] = [
-            {
-                "start": line.start,
-                "end": line.end,
-                "language": line.language,
-                "text": line.text,
-                "token_ids": list(line.token_ids),
-            }
-            for line in lines
-        ]
+        record["segments"] = [_segment_record(line, timed) for line in lines]
+    return record
+
+
+def _segment_record(line: Line, timed: bool) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "start": line.start,
+        "end": line.end,
+        "language": line.language,
+        "text": line.text,
+        "token_ids": list(line.token_ids),
+    }
+    if timed:
+        record["words"] = words_json(line.words)
     return record
 
 

@@ -14,15 +14,23 @@ import numpy as np
 
 from asrlive._audio import SAMPLE_RATE
 from asrlive.engine import StreamTranscriber
+from asrlive.engine._aligner import Aligner
 from asrlive.streaming import Event, Session
 
 CHUNK = SAMPLE_RATE // 10  # 100 ms, what a microphone callback typically delivers
 
 
 def stream_audio(
-    session: Session, transcriber: StreamTranscriber, audio: np.ndarray, realtime: bool = False
+    session: Session,
+    transcriber: StreamTranscriber,
+    audio: np.ndarray,
+    realtime: bool = False,
+    aligner: Aligner | None = None,
 ) -> Iterator[Event]:
-    """Feed ``audio`` (16 kHz mono float32) to ``session``; yield every event in order."""
+    """Feed ``audio`` (16 kHz mono float32) to ``session``; yield every event in order.
+
+    With an ``aligner``, every final carries its words.
+    """
     chunks = [audio[i : i + CHUNK] for i in range(0, audio.size, CHUNK)]
     started = time.monotonic()
     fed = 0
@@ -36,15 +44,18 @@ def stream_audio(
         for chunk in chunks[fed:due]:
             yield from session.feed(chunk)
         fed = due
-        yield from run_jobs(session, transcriber)
+        yield from run_jobs(session, transcriber, aligner)
     yield from session.finish()
-    yield from run_jobs(session, transcriber)
+    yield from run_jobs(session, transcriber, aligner)
 
 
-def run_jobs(session: Session, transcriber: StreamTranscriber) -> Iterator[Event]:
+def run_jobs(session: Session, transcriber: StreamTranscriber, aligner: Aligner | None = None) -> Iterator[Event]:
     """Run the session's pending work: every queued final, then at most one partial on the newest audio."""
     while (job := session.next_job()) is not None:
         hypothesis = transcriber.transcribe(job.segment, job.audio, job.final)
-        yield from session.complete(job, hypothesis.token_ids, hypothesis.text, hypothesis.language)
+        alignment = None
+        if aligner is not None and (job.final or job.speculative):
+            alignment = aligner.alignment(job.audio, hypothesis.text, hypothesis.language)
+        yield from session.complete(job, hypothesis.token_ids, hypothesis.text, hypothesis.language, alignment)
         if not job.final:
             return  # newer audio arrives before the next partial

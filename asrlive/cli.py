@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from asrlive import __version__, _cli_bench, _cli_live, _cli_serve, _cli_transcribe
+from asrlive import __version__, _cli_align, _cli_bench, _cli_live, _cli_serve, _cli_transcribe
 from asrlive._cli_common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 
@@ -33,6 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"asrlive {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _cli_transcribe.add_command(commands)
+    _cli_align.add_command(commands)
     _cli_serve.add_commands(commands)
     _cli_live.add_commands(commands)
     _cli_bench.add_command(commands)

@@ -110,16 +110,22 @@ async def connect(
     encoding: str = "pcm_s16le",
     partials: bool = True,
     partial_interval_ms: int | None = None,
+    timestamps: bool = False,
     token: str | None = None,
     timeout: float = 30.0,
 ) -> AsyncIterator[Stream]:
-    """Open a session; raises SessionRefused if the server says no, TimeoutError if it does not answer."""
+    """Open a session; raises SessionRefused if the server says no, TimeoutError if it does not answer.
+
+    ``timestamps``: every final carries its words' times (a server started with ``--aligner``).
+    """
     url = stream_url(url)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     start: Event = {"type": "start", "protocol": 1, "language": language, "context": context}
     start |= {"sample_rate": sample_rate, "encoding": encoding, "partials": partials}
     if partial_interval_ms is not None:
         start["partial_interval_ms"] = partial_interval_ms
+    if timestamps:
+        start["timestamps"] = True
     async with ws_connect(url, additional_headers=headers, open_timeout=timeout, max_size=None) as ws:
         try:
             await ws.send(json.dumps(start))

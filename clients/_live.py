@@ -27,6 +27,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from asrlive._audio import SAMPLE_RATE
+from asrlive._words import words_from_json
 
 from ._client import STREAM_PATH, Event, SessionRefused, Stream, connect, stream_url
 
@@ -46,6 +47,7 @@ class LiveOptions:
     language: str | None = None
     context: str = ""
     partials: bool = True
+    timestamps: bool = False  # word times on finals (the server needs a forced aligner)
     token: str | None = None
     connect_timeout_s: float = 10.0
     retry_delays_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # the last one repeats
@@ -171,6 +173,7 @@ class LiveStream:
                 language=options.language,
                 context=options.context,
                 partials=options.partials,
+                timestamps=options.timestamps,
                 token=options.token,
                 timeout=options.connect_timeout_s,
             )
@@ -224,6 +227,8 @@ class LiveStream:
             for key in _TIMED:
                 if key in event:
                     event[key] += shift
+            if event.get("words"):
+                event["words"] = [word.shifted(shift).to_json() for word in words_from_json(event["words"]) or ()]
             if event["type"] == "final":
                 self.buffer.release(round(event["end"] * SAMPLE_RATE))
             self.on_event(event)

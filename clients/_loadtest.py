@@ -106,13 +106,14 @@ async def run_load(
     stagger_s: float = 0.25,
     token: str | None = None,
     partial_interval_ms: int | None = None,
+    timestamps: bool = False,
 ) -> LoadReport:
     """``sessions`` clients, the i-th streaming ``clips[i % len(clips)]`` (16 kHz mono) from ``i * stagger_s``."""
     busy_before = await asyncio.to_thread(inference_seconds, url)
     started = time.monotonic()
     records = [ClientRecord() for _ in range(sessions)]
     clients = [
-        _client(url, clips[i % len(clips)], records[i], i * stagger_s, token, partial_interval_ms)
+        _client(url, clips[i % len(clips)], records[i], i * stagger_s, token, partial_interval_ms, timestamps)
         for i in range(sessions)
     ]
     await asyncio.gather(*clients)
@@ -140,11 +141,12 @@ async def _client(
     delay: float,
     token: str | None,
     interval: int | None,
+    timestamps: bool,
 ) -> None:
     await asyncio.sleep(delay)
     sent_at: npt.NDArray[np.float64] = np.full(-(-audio.size // FRAME), np.inf)  # when frame i left
     try:
-        async with connect(url, token=token, partial_interval_ms=interval) as stream:
+        async with connect(url, token=token, partial_interval_ms=interval, timestamps=timestamps) as stream:
             record.accepted = True
             sender = asyncio.create_task(_send_realtime(stream, audio, sent_at))
             async for event in stream:

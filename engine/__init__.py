@@ -10,11 +10,12 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._options import DEFAULT_MODEL, DTYPE_NAMES, KNOWN_MODELS, MAX_SEGMENT_SECONDS, DecodingOptions
+from ._options import DEFAULT_ALIGNER, DEFAULT_MODEL, DTYPE_NAMES, KNOWN_MODELS, MAX_SEGMENT_SECONDS, DecodingOptions
 
 if TYPE_CHECKING:
     from asrlive._audio import SAMPLE_RATE, AudioError, load_audio, to_model_rate
 
+    from ._aligner import Aligner, AlignmentError
     from ._batch import run_batch
     from ._checkpoint import ModelLoadError
     from ._incremental import Hypothesis, StreamTranscriber, UtteranceDecoder
@@ -30,6 +31,7 @@ for _noisy in ("torchao", "torch.utils._pytree"):
 
 _LAZY = {
     "asrlive._audio": ("SAMPLE_RATE", "AudioError", "load_audio", "to_model_rate"),
+    "._aligner": ("Aligner", "AlignmentError"),
     "._batch": ("run_batch",),
     "._checkpoint": ("ModelLoadError",),
     "._incremental": ("Hypothesis", "StreamTranscriber", "UtteranceDecoder"),
@@ -50,6 +52,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_ALIGNER",
     "DEFAULT_MODEL",
     "DTYPES",
     "DTYPE_NAMES",
@@ -57,6 +60,8 @@ __all__ = [
     "LANGUAGES",
     "MAX_SEGMENT_SECONDS",
     "SAMPLE_RATE",
+    "Aligner",
+    "AlignmentError",
     "AsrModel",
     "AudioError",
     "DecodingOptions",

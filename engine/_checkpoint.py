@@ -1,10 +1,20 @@
 """Find a Qwen3-ASR checkpoint and load it, whichever of the two published layouts it uses.
 
+Two kinds share the layouts: the speech recognizers (``Qwen3ASRForConditionalGeneration``) and the
+forced aligner (``Qwen/Qwen3-ForcedAligner-0.6B``, ``Qwen3ASRForTokenClassification``: the same
+encoder and LLM, a head of timestamp classes instead of the vocabulary).
+
 Layouts (DESIGN.md 2):
 - original (``Qwen/Qwen3-ASR-0.6B``): ``config.json`` nests ``thinker_config.{audio_config,text_config}``,
   weights are ``thinker.audio_tower.*`` (projector as ``proj1``/``proj2``), ``thinker.model.*``,
   ``thinker.lm_head.weight``; tokenizer as ``vocab.json`` + ``merges.txt``.
 - transformers-native (``*-hf``): flat config and the key names of ``Qwen3ASRForConditionalGeneration``.
+
+The aligner's original layout marks its thinker ``qwen3_forced_aligner`` with ``classify_num``
+classes and keeps ``timestamp_token_id`` and ``timestamp_segment_time`` (ms per class) at the top;
+its head ``thinker.lm_head`` becomes ``score``. The native layout names the architecture
+``Qwen3ASRForTokenClassification``, counts the classes in ``id2label`` and leaves the segment time
+to the processor (``processor_config.json``, default 80 ms in transformers).
 
 The original layout is converted while loading (config dict and key renames); no file is rewritten.
 """
@@ -21,9 +31,10 @@ import torch
 from ._options import KNOWN_MODELS
 
 if TYPE_CHECKING:
-    from transformers import Qwen3ASRForConditionalGeneration
+    from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
 Layout = Literal["original", "hf"]
+Kind = Literal["asr", "aligner"]
 
 # Only what inference needs: no training states, no other framework's weights.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
@@ -37,6 +48,9 @@ _ORIGINAL_KEY_MAPPING = {
     r"^thinker\.model\.": "model.language_model.",
     r"^thinker\.lm_head\.": "lm_head.",
 }
+_ORIGINAL_ALIGNER_KEY_MAPPING = {**_ORIGINAL_KEY_MAPPING, r"^thinker\.lm_head\.": "score."}
+# transformers' processor default, for a native aligner checkpoint whose processor config does not say.
+DEFAULT_SEGMENT_MS = 80.0
 
 # Fields of the original thinker config that do not describe the network.
 _MROPE_KEYS = ("mrope_interleaved", "interleaved", "mrope_section", "type")
@@ -53,6 +67,8 @@ class Checkpoint:
     path: Path
     layout: Layout
     config: dict[str, Any]  # already in the transformers-native (flat) form
+    kind: Kind = "asr"
+    segment_ms: float | None = None  # the aligner's milliseconds per timestamp class
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -107,7 +123,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Read ``config.json``, tell the layout apart and return the config in flat form."""
+    """Read ``config.json``, tell the layout and the kind apart and return the config in flat form."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no config.json: it is not a Qwen3-ASR checkpoint directory.")
@@ -118,17 +134,47 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(raw, dict) or raw.get("model_type") != "qwen3_asr":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise ModelLoadError(f"{config_file} describes a {found!r} model, not a Qwen3-ASR one ('qwen3_asr').")
-    if "thinker_config" in raw:
-        return Checkpoint(path, "original", _flatten_original_config(raw))
+    if isinstance(raw.get("thinker_config"), dict):
+        return _original_checkpoint(path, raw)
     if "audio_config" in raw and "text_config" in raw:
+        if "Qwen3ASRForTokenClassification" in (raw.get("architectures") or ()):
+            return Checkpoint(path, "hf", raw, "aligner", _processor_segment_ms(path))
         return Checkpoint(path, "hf", raw)
     raise ModelLoadError(f"{config_file} has neither 'thinker_config' nor 'audio_config'/'text_config'.")
 
 
-def _flatten_original_config(raw: dict[str, Any]) -> dict[str, Any]:
+def _original_checkpoint(path: Path, raw: dict[str, Any]) -> Checkpoint:
     thinker = raw["thinker_config"]
-    if "classify_num" in thinker:
-        raise ModelLoadError("This checkpoint is the Qwen3 forced aligner, not a speech recognizer.")
+    flat = _flatten_original_config(thinker)
+    if "classify_num" not in thinker and thinker.get("model_type") != "qwen3_forced_aligner":
+        return Checkpoint(path, "original", flat)
+    fields = {name: raw.get(name, thinker.get(name)) for name in ("classify_num", "timestamp_token_id")}
+    segment_ms = raw.get("timestamp_segment_time", thinker.get("timestamp_segment_time"))
+    missing = [name for name, value in [*fields.items(), ("timestamp_segment_time", segment_ms)] if value is None]
+    if missing:
+        raise ModelLoadError(
+            f"{path / 'config.json'} describes a forced aligner without {', '.join(missing)}: "
+            "the checkpoint is incomplete."
+        )
+    flat["num_labels"] = fields["classify_num"]
+    flat["timestamp_token_id"] = fields["timestamp_token_id"]
+    return Checkpoint(path, "original", flat, "aligner", float(segment_ms))
+
+
+def _processor_segment_ms(path: Path) -> float:
+    processor_file = path / "processor_config.json"
+    if not processor_file.is_file():
+        return DEFAULT_SEGMENT_MS
+    try:
+        value = json.loads(processor_file.read_text(encoding="utf-8")).get("timestamp_segment_time", DEFAULT_SEGMENT_MS)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{processor_file} is not a JSON object ({exc}); the checkpoint is corrupt.") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ModelLoadError(f"{processor_file} has an unusable timestamp_segment_time {value!r}.")
+    return float(value)
+
+
+def _flatten_original_config(thinker: dict[str, Any]) -> dict[str, Any]:
     audio = dict(thinker["audio_config"])
     audio["model_type"] = "qwen3_asr_encoder"
     # Positions restart in every 1 s conv chunk, so only one chunk's worth of them exists.
@@ -155,8 +201,31 @@ def _tokens_per_chunk(n_window: int) -> int:
 
 
 def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASRForConditionalGeneration:
-    """Build ``Qwen3ASRForConditionalGeneration`` from the checkpoint's weights, strictly."""
-    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+    """Build ``Qwen3ASRForConditionalGeneration`` from a recognizer checkpoint's weights, strictly."""
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    if checkpoint.kind != "asr":
+        raise ModelLoadError(
+            f"{checkpoint.path} is the Qwen3 forced aligner, not a speech recognizer: give it as --aligner, "
+            "and a Qwen3-ASR model as --model."
+        )
+    return cast("Qwen3ASRForConditionalGeneration", _load(checkpoint, dtype, Qwen3ASRForConditionalGeneration))
+
+
+def load_aligner_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASRForTokenClassification:
+    """Build ``Qwen3ASRForTokenClassification`` from a forced-aligner checkpoint's weights, strictly."""
+    from transformers import Qwen3ASRForTokenClassification
+
+    if checkpoint.kind != "aligner":
+        raise ModelLoadError(
+            f"{checkpoint.path} is a speech recognizer, not the Qwen3 forced aligner "
+            "(such as Qwen/Qwen3-ForcedAligner-0.6B): give it as --model, and the aligner as --aligner."
+        )
+    return cast("Qwen3ASRForTokenClassification", _load(checkpoint, dtype, Qwen3ASRForTokenClassification))
+
+
+def _load(checkpoint: Checkpoint, dtype: torch.dtype, network_class: Any) -> Any:
+    from transformers import Qwen3ASRConfig
 
     weights = sorted(checkpoint.path.glob("*.safetensors"))
     if not weights:
@@ -165,14 +234,12 @@ def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASRForCondi
         config = Qwen3ASRConfig(**{k: v for k, v in checkpoint.config.items() if k != "model_type"})
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"config.json of {checkpoint.path} is not a valid Qwen3-ASR config: {exc}") from None
-    mapping = _ORIGINAL_KEY_MAPPING if checkpoint.layout == "original" else None
+    mapping = None
+    if checkpoint.layout == "original":
+        mapping = _ORIGINAL_ALIGNER_KEY_MAPPING if checkpoint.kind == "aligner" else _ORIGINAL_KEY_MAPPING
     try:
-        # Typed as returning the model; with output_loading_info it returns (model, loading info).
-        model, info = cast(
-            "tuple[Qwen3ASRForConditionalGeneration, dict[str, Any]]",
-            Qwen3ASRForConditionalGeneration.from_pretrained(
-                checkpoint.path, config=config, dtype=dtype, key_mapping=mapping, output_loading_info=True
-            ),
+        model, info = network_class.from_pretrained(
+            checkpoint.path, config=config, dtype=dtype, key_mapping=mapping, output_loading_info=True
         )
     except Exception as exc:  # safetensors, torch and transformers each raise their own types
         raise ModelLoadError(
@@ -180,7 +247,7 @@ def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASRForCondi
             "The files may be truncated or corrupt: delete them and download the model again."
         ) from exc
     _check_loading_info(checkpoint.path, info)
-    model.eval()  # type: ignore[no-untyped-call]  # transformers' eval() is unannotated; it returns the model
+    model.eval()
     return model
 
 

@@ -1,7 +1,9 @@
 """The loaded model: network, tokenizer, feature extractor and the one dtype policy of the engine.
 
-The network is transformers' ``Qwen3ASRForConditionalGeneration``; this module only drives it:
-features -> audio embeddings -> prompt embeddings -> greedy decoding over an explicit KV cache.
+``LoadedNetwork`` is what both kinds of the family share: the feature extractor, the audio encoder
+and the LLM over an explicit KV cache, driven by the engine (``Encoder``, ``LeanLM``) on the
+weights of a transformers network. ``AsrModel`` adds greedy decoding of the vocabulary head
+(``Qwen3ASRForConditionalGeneration``); the forced aligner (``_aligner``) a head of timestamp classes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from asrlive._audio import SAMPLE_RATE
 
-from ._checkpoint import ModelLoadError, load_network, read_checkpoint, resolve_model_dir
+from ._checkpoint import Checkpoint, ModelLoadError, load_network, read_checkpoint, resolve_model_dir
 from ._encoder import Encoder
 from ._kvcache import KVCache
 from ._llm import LeanLM
@@ -27,6 +29,7 @@ from ._weights import PackedLinear, can_pack_weights, check_quantize, quantize_w
 
 if TYPE_CHECKING:
     from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
+    from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASRModel
 
 T = TypeVar("T")
 
@@ -93,30 +96,29 @@ class ModelInfo:
     quantize: str | None = None  # "int8": weight-only int8 LLM linears and head
 
 
-class AsrModel:
-    """A Qwen3-ASR checkpoint ready for inference (the engine's ``Model``). Not thread-safe: one thread drives it.
+class LoadedNetwork:
+    """The encoder and LLM of a Qwen3-ASR-family network, ready for inference. Not thread-safe: one thread drives it.
 
-    transformers' ``Qwen3ASRForConditionalGeneration`` holds the weights; the engine runs them
-    through its own drivers (``Encoder``, ``LeanLM``).
+    transformers' network holds the weights (``body`` is its ``Qwen3ASRModel``; ``head`` the output
+    layer); the engine runs them through its own drivers (``Encoder``, ``LeanLM``).
     """
 
     def __init__(
         self,
-        network: Qwen3ASRForConditionalGeneration,
+        body: Qwen3ASRModel,
+        head: torch.nn.Linear,
         tokenizer: Tokenizer,
         feature_extractor: Qwen3ASRFeatureExtractor,
         info: ModelInfo,
     ) -> None:
-        self.network = network
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.info = info
-        # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
-        network.requires_grad_(False)
-        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
-        self._embed_tokens = network.get_input_embeddings()
-        self.encoder = Encoder(network.model.audio_tower, network.model.multi_modal_projector)
-        self.llm = LeanLM(network.model.language_model, network.lm_head)
+        if getattr(head, "bias", None) is not None:  # (torch types a Linear's bias as always present)
+            raise ModelLoadError(f"the output layer of {info.path} has a bias, which Qwen3-ASR checkpoints do not have")
+        self._embed_tokens = body.get_input_embeddings()
+        self.encoder = Encoder(body.audio_tower, body.multi_modal_projector)
+        self.llm = LeanLM(body.language_model, head)
         if info.quantize is not None:
             quantize_weights(self.llm, info.quantize)
 
@@ -159,33 +161,20 @@ class AsrModel:
     def weights_packed(self) -> bool:
         return isinstance(self.llm.linear, PackedLinear)
 
-    def weight_matrices(self) -> list[torch.Tensor]:
-        """The LLM's linear weight matrices as the checkpoint lays them out (q, k, v, o, gate, up, down; head)."""
-        matrices = [m.weight for m in self.network.model.language_model.modules() if isinstance(m, torch.nn.Linear)]
-        return [*matrices, self.network.lm_head.weight]
-
     def decode_weight_bytes(self) -> int:
         """Bytes of weights one decode step reads, as the engine stores them (fused, maybe quantized)."""
         return sum(weight_bytes(w) for w in self.llm.weights())
 
-    @classmethod
-    def load(
-        cls,
-        model: str = DEFAULT_MODEL,
-        dtype: str | None = None,
-        device: str | None = None,
-        quantize: str | None = None,
-    ) -> AsrModel:
-        """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible."""
+    @staticmethod
+    def _resolve(
+        model: str, dtype: str | None, device: str | None, quantize: str | None
+    ) -> tuple[Checkpoint, ModelInfo]:
+        """Where the checkpoint is and how to run it; every refusal before a weight is read."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         check_quantize(quantize)
         checkpoint = read_checkpoint(resolve_model_dir(model))
-        network = load_network(checkpoint, torch_dtype)
-        tokenizer = _load_tokenizer(checkpoint.path)
-        feature_extractor = _load_feature_extractor(checkpoint.path, checkpoint.layout)
-        info = ModelInfo(model, checkpoint.path, checkpoint.layout, torch_dtype, torch_device, quantize)
-        return cls(network, tokenizer, feature_extractor, info)
+        return checkpoint, ModelInfo(model, checkpoint.path, checkpoint.layout, torch_dtype, torch_device, quantize)
 
     # -- audio ---------------------------------------------------------------------------------
 
@@ -231,10 +220,6 @@ class AsrModel:
         embeds: torch.Tensor = self._embed_tokens(ids)  # Module call: Any
         return embeds
 
-    def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
-        """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""
-        return torch.cat([self.embed(prompt.prefix), audio_embeds.to(self.dtype), self.embed(prompt.suffix)], dim=0)
-
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, n_logits: int) -> torch.Tensor:
         """Run the LLM over (seq, hidden) after what ``cache`` holds; greedy ids of the last n_logits positions.
@@ -253,6 +238,55 @@ class AsrModel:
         return self.llm.new_cache()
 
     @torch.inference_mode()
+    def run(self, steps: Steps[T]) -> T:
+        """Drive one computation alone: each request it makes is answered as it comes."""
+        return run(self, steps)
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        # Typed str | list[str] in transformers: it is a str for one sequence of ids.
+        return cast(str, self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+class AsrModel(LoadedNetwork):
+    """A Qwen3-ASR speech recognizer (the engine's ``Model``): greedy decoding over the vocabulary."""
+
+    def __init__(
+        self,
+        network: Qwen3ASRForConditionalGeneration,
+        tokenizer: Tokenizer,
+        feature_extractor: Qwen3ASRFeatureExtractor,
+        info: ModelInfo,
+    ) -> None:
+        # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
+        network.requires_grad_(False)
+        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
+        self.network = network
+        super().__init__(network.model, network.lm_head, tokenizer, feature_extractor, info)
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        dtype: str | None = None,
+        device: str | None = None,
+        quantize: str | None = None,
+    ) -> AsrModel:
+        """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible."""
+        checkpoint, info = cls._resolve(model, dtype, device, quantize)
+        network = load_network(checkpoint, info.dtype)
+        tokenizer = load_tokenizer(checkpoint.path, ASR_TOKEN_IDS)
+        return cls(network, tokenizer, load_feature_extractor(checkpoint.path, checkpoint.layout), info)
+
+    def weight_matrices(self) -> list[torch.Tensor]:
+        """The LLM's linear weight matrices as the checkpoint lays them out (q, k, v, o, gate, up, down; head)."""
+        matrices = [m.weight for m in self.network.model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+        return [*matrices, self.network.lm_head.weight]
+
+    def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
+        """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""
+        return torch.cat([self.embed(prompt.prefix), audio_embeds.to(self.dtype), self.embed(prompt.suffix)], dim=0)
+
+    @torch.inference_mode()
     def greedy_decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
         """Greedy continuation of a prompt given as embeddings; the eos token is not returned.
 
@@ -263,17 +297,8 @@ class AsrModel:
         next_id = int(self.forward(embeds, cache, 1)[0])
         return self.run(greedy_steps(self, next_id, cache, [], max_new_tokens))
 
-    @torch.inference_mode()
-    def run(self, steps: Steps[T]) -> T:
-        """Drive one computation alone: each request it makes is answered as it comes."""
-        return run(self, steps)
 
-    def decode_text(self, token_ids: list[int]) -> str:
-        # Typed str | list[str] in transformers: it is a str for one sequence of ids.
-        return cast(str, self.tokenizer.decode(token_ids, skip_special_tokens=True))
-
-
-def _load_tokenizer(path: Path) -> Tokenizer:
+def load_tokenizer(path: Path, expected_ids: dict[str, int]) -> Tokenizer:
     from transformers import AutoTokenizer
 
     has_files = (path / "tokenizer.json").is_file() or (
@@ -285,7 +310,7 @@ def _load_tokenizer(path: Path) -> Tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # tokenizers raises its own exception types for corrupt files
         raise ModelLoadError(f"The tokenizer files in {path} could not be read: {exc}") from exc
-    for token, expected in ASR_TOKEN_IDS.items():
+    for token, expected in expected_ids.items():
         found = tokenizer.convert_tokens_to_ids(token)
         if found != expected:
             raise ModelLoadError(
@@ -295,7 +320,7 @@ def _load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def _load_feature_extractor(path: Path, layout: str) -> Qwen3ASRFeatureExtractor:
+def load_feature_extractor(path: Path, layout: str) -> Qwen3ASRFeatureExtractor:
     from transformers import Qwen3ASRFeatureExtractor
 
     # The original layout names Whisper's extractor; transformers' converter replaces it by the

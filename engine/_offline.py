@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from asrlive._audio import SAMPLE_RATE
+from asrlive._words import Alignment
 
+from ._aligner import Aligner
 from ._model import AsrModel
 from ._options import DecodingOptions
 from ._prompt import build_prompt, parse_answer
@@ -28,6 +30,7 @@ class Segment:
     language: str | None
     text: str
     token_ids: tuple[int, ...]  # generated after the prompt, eos excluded
+    alignment: Alignment | None = None  # word times from the start of the clip; None: not asked for
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,26 @@ def transcribe(
     audio: np.ndarray,
     options: DecodingOptions | None = None,
     on_segment: Callable[[Segment], None] | None = None,
+    aligner: Aligner | None = None,
 ) -> Transcription:
-    """Transcribe 16 kHz mono float32 audio; ``on_segment`` hears of each piece as it is done."""
+    """Transcribe 16 kHz mono float32 audio; ``on_segment`` hears of each piece as it is done.
+
+    With an ``aligner``, each piece's text is aligned on exactly that piece's audio, in its
+    language, and pieces are no longer than the aligner can time.
+    """
     options = options or DecodingOptions()
     prompt = build_prompt(model.tokenizer, options.context, options.language)
     segments = []
-    for start, end in split_points(audio, int(options.max_segment_seconds * SAMPLE_RATE)):
+    longest = options.max_segment_seconds
+    if aligner is not None:
+        longest = min(longest, aligner.timing.max_seconds)
+    for start, end in split_points(audio, int(longest * SAMPLE_RATE)):
         piece = audio[start:end]
         embeds = model.prompt_embeddings(prompt, model.encode_audio(piece))
         ids = model.greedy_decode(embeds, token_budget(piece.size / SAMPLE_RATE, options))
         language, text = parse_answer(model.decode_text(ids), options.language)
-        segment = Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, language, text, tuple(ids))
+        alignment = None if aligner is None else aligner.alignment(piece, text, language).shifted(start / SAMPLE_RATE)
+        segment = Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, language, text, tuple(ids), alignment)
         segments.append(segment)
         if on_segment is not None:
             on_segment(segment)

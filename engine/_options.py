@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
 KNOWN_MODELS = ("Qwen/Qwen3-ASR-0.6B", "Qwen/Qwen3-ASR-1.7B")
+DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
 DTYPE_NAMES = ("float32", "bfloat16")
 DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
 QUANTIZE_NAMES = ("int8",)  # weight-only, LLM linears and head (torchao)

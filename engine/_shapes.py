@@ -6,12 +6,12 @@ Compute does not depend on the weights' values, so these measure what the real c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
-    from transformers import Qwen3ASRForConditionalGeneration
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
 SHAPES = {
     "0.6B": {
@@ -25,11 +25,34 @@ SHAPES = {
 }
 
 
-def random_network(size: str, dtype: torch.dtype, seed: int = 0) -> Qwen3ASRForConditionalGeneration:
-    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+# Qwen3-ForcedAligner-0.6B: the 1.7B recognizer's encoder, the 0.6B LLM, a head of 5000 classes of
+# 80 ms, the vocabulary padded to 152064 and not tied to the head.
+ALIGNER_SHAPE = {"audio": SHAPES["1.7B"]["audio"], "text": SHAPES["0.6B"]["text"]}
+ALIGNER_CLASSES, ALIGNER_SEGMENT_MS = 5000, 80.0
 
-    shape = SHAPES[size]
-    config = Qwen3ASRConfig(
+
+def random_network(size: str, dtype: torch.dtype, seed: int = 0) -> Qwen3ASRForConditionalGeneration:
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    torch.manual_seed(seed)
+    network = Qwen3ASRForConditionalGeneration(_config(SHAPES[size], vocab=151936, tied=True))
+    return _placed(network, dtype)
+
+
+def random_aligner_network(dtype: torch.dtype, seed: int = 0) -> Qwen3ASRForTokenClassification:
+    from transformers import Qwen3ASRForTokenClassification
+
+    config = _config(ALIGNER_SHAPE, vocab=152064, tied=False)
+    config.num_labels = ALIGNER_CLASSES
+    torch.manual_seed(seed)
+    network = Qwen3ASRForTokenClassification(config)  # type: ignore[no-untyped-call]  # its __init__ is unannotated
+    return _placed(network, dtype)
+
+
+def _config(shape: dict[str, dict[str, int]], vocab: int, tied: bool) -> Qwen3ASRConfig:
+    from transformers import Qwen3ASRConfig
+
+    return Qwen3ASRConfig(
         audio_config={
             "model_type": "qwen3_asr_encoder",
             **shape["audio"],
@@ -46,15 +69,20 @@ def random_network(size: str, dtype: torch.dtype, seed: int = 0) -> Qwen3ASRForC
             "num_attention_heads": 16,
             "num_key_value_heads": 8,
             "head_dim": 128,
-            "vocab_size": 151936,
-            "tie_word_embeddings": True,
+            "vocab_size": vocab,
+            "tie_word_embeddings": tied,
             "rope_theta": 1_000_000.0,
             "max_position_embeddings": 65536,
         },
+        tie_word_embeddings=tied,
     )
-    torch.manual_seed(seed)
-    network = Qwen3ASRForConditionalGeneration(config)
+
+
+N = TypeVar("N", bound="torch.nn.Module")
+
+
+def _placed(network: N, dtype: torch.dtype) -> N:
     # Module.to casts in place; transformers' @wraps-typed to() leaves self unbound in its stubs.
-    network.to(dtype)  # type: ignore[arg-type]
-    network.eval()  # type: ignore[no-untyped-call]  # transformers' eval() is unannotated; it returns the model
+    network.to(dtype)
+    network.eval()
     return network

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from asrlive._words import Alignment
+
 SAMPLE_RATE = 16_000
 
 CloseReason = Literal["silence", "max_length", "finish"]
@@ -68,9 +70,10 @@ class Final:
     start: int  # samples
     end: int  # samples
     token_ids: tuple[int, ...]
+    alignment: Alignment | None = None  # word times in the stream's clock; None: not asked for
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        record = {
             "type": "final",
             "segment": self.segment,
             "text": self.text,
@@ -79,6 +82,9 @@ class Final:
             "end": seconds(self.end),
             "token_ids": list(self.token_ids),
         }
+        if self.alignment is not None:
+            record |= self.alignment.to_json()
+        return record
 
 
 Event = SpeechStarted | SpeechStopped | Partial | Final

@@ -98,6 +98,7 @@ class Start:
     encoding: str = "pcm_s16le"
     partials: bool = True
     partial_interval_ms: int | None = None  # None: the server's default
+    timestamps: bool = False  # word times on every final (a server with a forced aligner)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ _START_FIELDS = {
     "encoding",
     "partials",
     "partial_interval_ms",
+    "timestamps",
 }
 
 
@@ -230,7 +232,9 @@ def parse_start(message: dict[str, Any]) -> Start:
     if interval is not None and not 100 <= interval <= 60_000:
         raise ProtocolError("bad_start", "partial_interval_ms must be within 100..60000")
     partials = _field(message, "partials", bool, True)
-    return Start(None if language in (None, "", "auto") else language, context, rate, encoding, partials, interval)
+    timestamps = _field(message, "timestamps", bool, False)
+    language = None if language in (None, "", "auto") else language
+    return Start(language, context, rate, encoding, partials, interval, timestamps)
 
 
 def _field(message: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any) -> Any:

@@ -8,6 +8,10 @@ the model asks for the next job, runs it and hands the result back::
         hypothesis = engine.transcribe(job.segment, job.audio, job.final)
         events += session.complete(job, hypothesis.token_ids, hypothesis.text, hypothesis.language)
 
+With word timestamps, the driver aligns the hypothesis of every final (and speculative) job on
+``job.audio`` and hands the ``Alignment`` to ``complete``, its times from the job's start: the
+session puts it on the final in the stream's clock.
+
 Finals are queued and never dropped. A partial job always covers the newest audio, so when the
 engine falls behind, partials coalesce (latest wins) instead of piling up.
 
@@ -33,7 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from ._events import SAMPLE_RATE, Event, Final, Partial, SpeechStarted, SpeechStopped
+from asrlive._words import Alignment
+
+from ._events import SAMPLE_RATE, Event, Final, Partial, SpeechStarted, SpeechStopped, seconds
 from ._text import stable_prefix
 from ._vad import FRAME, Closed, Opened, Segmenter, VadOptions
 
@@ -68,6 +74,7 @@ class _Result:
     token_ids: tuple[int, ...]
     text: str
     language: str | None
+    alignment: Alignment | None  # from the job's start
 
 
 @dataclass
@@ -162,9 +169,19 @@ class Session:
         self._partial_end = end
         return Job(self._segment, start, end, False, self._slice(start, end))
 
-    def complete(self, job: Job, token_ids: Sequence[int], text: str, language: str | None) -> list[Event]:
-        """The engine's hypothesis for ``job``, as the events the client should see (perhaps none yet)."""
-        result = _Result(tuple(token_ids), text, language)
+    def complete(
+        self,
+        job: Job,
+        token_ids: Sequence[int],
+        text: str,
+        language: str | None,
+        alignment: Alignment | None = None,
+    ) -> list[Event]:
+        """The engine's hypothesis for ``job``, as the events the client should see (perhaps none yet).
+
+        ``alignment``: the words of ``text`` timed from ``job.start`` (only a final uses it).
+        """
+        result = _Result(tuple(token_ids), text, language, alignment)
         if job is self._awaited:  # its utterance closed at its end while it was computed
             self._awaited = None
         elif not job.final:
@@ -220,7 +237,8 @@ class Session:
     def _final(self, job: Job, result: _Result) -> Final:
         self._last_text.pop(job.segment, None)
         self._finalized = max(self._finalized, job.segment)
-        return Final(job.segment, result.text, result.language, job.start, job.end, result.token_ids)
+        alignment = result.alignment.shifted(seconds(job.start)) if result.alignment is not None else None
+        return Final(job.segment, result.text, result.language, job.start, job.end, result.token_ids, alignment)
 
     def _apply(self, changes: Sequence[Opened | Closed]) -> list[Event]:
         events: list[Event] = []

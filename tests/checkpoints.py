@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import (
     Qwen3ASRConfig,
     Qwen3ASRFeatureExtractor,
     Qwen3ASRForConditionalGeneration,
+    Qwen3ASRForTokenClassification,
     Qwen3ASRProcessor,
 )
 
@@ -70,6 +72,20 @@ CHAT_TEMPLATE = (
 )
 
 
+# The forced aligner's prompt, as its *-hf checkpoint renders it: the audio, then every unit followed
+# by its two <timestamp> slots; no turns, no spaces.
+ALIGNER_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m.content %}"
+    "{% if c.type == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% else %}{{ c.text }}<timestamp><timestamp>{% endif %}"
+    "{% endfor %}{% endfor %}"
+)
+# The published aligner's head and clock: 5000 classes of 80 ms; its vocabulary is padded to 152064.
+ALIGNER_CLASSES, ALIGNER_SEGMENT_MS, ALIGNER_VOCAB = 5000, 80, 152064
+TIMESTAMP_ID = 151705
+_ALIGNER_ROW_STRIDE = 100
+
+
 def random_network(seed: int = 0, init_std: float = 0.25, eos_boost: float = 2.0) -> Qwen3ASRForConditionalGeneration:
     """A tiny network with weights large enough that its greedy output depends on the audio.
 
@@ -87,6 +103,37 @@ def random_network(seed: int = 0, init_std: float = 0.25, eos_boost: float = 2.0
     network = Qwen3ASRForConditionalGeneration(config).eval()
     with torch.no_grad():
         network.get_input_embeddings().weight[151645] *= eos_boost
+    return network
+
+
+def random_aligner(seed: int = 1, init_std: float = 0.25) -> Qwen3ASRForTokenClassification:
+    """A tiny forced aligner: the recognizer's architecture with an untied head of timestamp classes."""
+    config = Qwen3ASRConfig(
+        audio_config={"model_type": "qwen3_asr_encoder", **TINY_AUDIO},
+        text_config={"model_type": "qwen3", **TINY_TEXT, "vocab_size": ALIGNER_VOCAB, "tie_word_embeddings": False},
+        initializer_range=init_std,
+        num_labels=ALIGNER_CLASSES,
+        timestamp_token_id=TIMESTAMP_ID,
+        token_classification_bias=False,
+        tie_word_embeddings=False,
+    )
+    config.text_config.initializer_range = init_std
+    config.audio_config.initializer_range = init_std
+    torch.manual_seed(seed)
+    network = Qwen3ASRForTokenClassification(config).eval()
+    # A random head names one class almost everywhere. Rows on a circle in a random plane of the
+    # hidden space read the angle of each position's state instead: classes that move with the
+    # context, rise through the clip and sometimes fall back, as the fix-up expects of a real
+    # aligner. Only every 100th class has a row (the others score 0, below the best row): like a
+    # trained head, the best class then wins by a clear margin, not by a rounding error.
+    plane, _ = torch.linalg.qr(torch.randn(TINY_TEXT["hidden_size"], 2))
+    rows = torch.arange(0, ALIGNER_CLASSES, _ALIGNER_ROW_STRIDE)
+    angles = rows.double() * (2 * math.pi / ALIGNER_CLASSES)
+    with torch.no_grad():
+        network.score.weight.zero_()
+        network.score.weight[rows] = (
+            torch.cos(angles)[:, None] * plane[:, 0] + torch.sin(angles)[:, None] * plane[:, 1]
+        ).float()
     return network
 
 
@@ -162,17 +209,29 @@ def write_hf_checkpoint(network: Qwen3ASRForConditionalGeneration, directory: Pa
     """The transformers-native layout: ``save_pretrained`` of the model and of its processor."""
     directory.mkdir(parents=True, exist_ok=True)
     network.save_pretrained(directory)
+    _save_processor(directory, CHAT_TEMPLATE)
+    return directory
+
+
+def write_hf_aligner(network: Qwen3ASRForTokenClassification, directory: Path) -> Path:
+    """The aligner's transformers-native layout (``Qwen3ASRForTokenClassification``), its clock in the processor."""
+    directory.mkdir(parents=True, exist_ok=True)
+    network.save_pretrained(directory)
+    _save_processor(directory, ALIGNER_CHAT_TEMPLATE, timestamp_segment_time=ALIGNER_SEGMENT_MS)
+    return directory
+
+
+def _save_processor(directory: Path, chat_template: str, **kwargs: float) -> None:
     staging = directory / "_tokenizer_src"
     staging.mkdir()
     (staging / "tokenizer.json").write_text(json.dumps(_tokenizer_json(), ensure_ascii=False), encoding="utf-8")
     (staging / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config()), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(staging)
-    processor = Qwen3ASRProcessor(Qwen3ASRFeatureExtractor(), tokenizer, chat_template=CHAT_TEMPLATE)
+    processor = Qwen3ASRProcessor(Qwen3ASRFeatureExtractor(), tokenizer, chat_template=chat_template, **kwargs)
     processor.save_pretrained(directory)
     for f in staging.iterdir():
         f.unlink()
     staging.rmdir()
-    return directory
 
 
 def write_original_checkpoint(network: Qwen3ASRForConditionalGeneration, directory: Path) -> Path:
@@ -185,6 +244,26 @@ def write_original_checkpoint(network: Qwen3ASRForConditionalGeneration, directo
         state[_original_name(name)] = tensor.detach().clone().contiguous()
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(_original_config(), indent=1), encoding="utf-8")
+    _write_original_extras(directory)
+    return directory
+
+
+def write_original_aligner(network: Qwen3ASRForTokenClassification, directory: Path) -> Path:
+    """The layout of ``Qwen/Qwen3-ForcedAligner-0.6B``: a forced-aligner thinker, ``thinker.lm_head`` of classes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {_original_name(name): w.detach().clone().contiguous() for name, w in network.state_dict().items()}
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = _original_config()
+    config["thinker_config"]["model_type"] = "qwen3_forced_aligner"
+    config["thinker_config"]["classify_num"] = ALIGNER_CLASSES
+    config["thinker_config"]["text_config"].update(vocab_size=ALIGNER_VOCAB, tie_word_embeddings=False)
+    config.update(timestamp_token_id=TIMESTAMP_ID, timestamp_segment_time=ALIGNER_SEGMENT_MS)
+    (directory / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    _write_original_extras(directory)
+    return directory
+
+
+def _write_original_extras(directory: Path) -> None:
     write_original_tokenizer(directory)
     (directory / "preprocessor_config.json").write_text(
         json.dumps(
@@ -204,7 +283,6 @@ def write_original_checkpoint(network: Qwen3ASRForConditionalGeneration, directo
         ),
         encoding="utf-8",
     )
-    return directory
 
 
 def _original_name(name: str) -> str:
@@ -213,6 +291,7 @@ def _original_name(name: str) -> str:
         ("model.multi_modal_projector.linear_2.", "thinker.audio_tower.proj2."),
         ("model.audio_tower.", "thinker.audio_tower."),
         ("model.language_model.", "thinker.model."),
+        ("score.", "thinker.lm_head."),
     ):
         if name.startswith(new):
             return old + name[len(new) :]

@@ -6,17 +6,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRProcessor
+from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification, Qwen3ASRProcessor
 
 from asrlive.engine import AsrModel, load_audio
+from asrlive.engine._aligner import Aligner
 
-from .checkpoints import FIXTURES, random_network, write_hf_checkpoint, write_original_checkpoint
+from .checkpoints import (
+    FIXTURES,
+    random_aligner,
+    random_network,
+    write_hf_aligner,
+    write_hf_checkpoint,
+    write_original_aligner,
+    write_original_checkpoint,
+)
 from .serving import GAP
 
 EOS = (151643, 151645)
 # A test that runs a model (the tiny checkpoints, transformers' reference) takes seconds: it is
 # `slow`, left out of the daily loop (`pytest -m "not slow"`) and run in CI.
-MODEL_FIXTURES = {"checkpoints", "load_model", "reference"}
+MODEL_FIXTURES = {"checkpoints", "load_model", "reference", "aligners", "load_aligner", "aligner_reference"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -80,6 +89,52 @@ def reference(checkpoints):
         return cache[dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def aligners(tmp_path_factory) -> dict[str, Path]:
+    """One tiny forced aligner saved in both layouts: {"hf": dir, "original": dir}."""
+    root = tmp_path_factory.mktemp("aligners")
+    network = random_aligner(seed=1)
+    return {
+        "hf": write_hf_aligner(network, root / "aligner-hf"),
+        "original": write_original_aligner(network, root / "aligner-original"),
+    }
+
+
+@pytest.fixture(scope="session")
+def load_aligner(aligners):
+    """Engine aligners by layout (float32), loaded once per session through the public loader."""
+    cache: dict[str, Aligner] = {}
+
+    def load(layout: str = "hf") -> Aligner:
+        if layout not in cache:
+            cache[layout] = Aligner.load(str(aligners[layout]), "float32")
+        return cache[layout]
+
+    return load
+
+
+@dataclass
+class AlignerReference:
+    """transformers' forced-alignment pipeline: the processor's inputs, the token classifier, its decoding."""
+
+    processor: Qwen3ASRProcessor
+    model: Qwen3ASRForTokenClassification
+
+    def words(self, audio: np.ndarray, text: str, language: str | None) -> list[tuple[str, float, float]]:
+        inputs, units = self.processor.prepare_forced_aligner_inputs(audio, text, language)
+        with torch.no_grad():
+            logits = self.model(**inputs).logits
+        timestamp_id = self.model.config.timestamp_token_id
+        [items] = self.processor.decode_forced_alignment(logits, inputs["input_ids"], units, timestamp_id)
+        return [(item["text"], item["start_time"], item["end_time"]) for item in items]
+
+
+@pytest.fixture(scope="session")
+def aligner_reference(aligners) -> AlignerReference:
+    model = Qwen3ASRForTokenClassification.from_pretrained(aligners["hf"], dtype=torch.float32).eval()
+    return AlignerReference(Qwen3ASRProcessor.from_pretrained(aligners["hf"]), model)
 
 
 @pytest.fixture(scope="session")

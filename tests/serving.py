@@ -32,8 +32,8 @@ def delayed_transcriber(seconds: float) -> type[StreamTranscriber]:
 
 
 @asynccontextmanager
-async def running_server(model, make_transcriber=None, **options):
-    server = AsrServer(model, ServerOptions(port=0, **options), make_transcriber)
+async def running_server(model, make_transcriber=None, aligner=None, **options):
+    server = AsrServer(model, ServerOptions(port=0, **options), make_transcriber, aligner)
     await asyncio.wait_for(server.start(), TIMEOUT)
     try:
         yield server

@@ -19,9 +19,10 @@ from asrlive._bench_stream import JobTiming, Setup, StreamResult, dump_json
 from asrlive.cli import main
 from asrlive.clients._loadtest import FRAME, ClientRecord, LoadReport, note_event, sent_time
 
+from .checkpoints import random_aligner as tiny_aligner
 from .checkpoints import random_network as tiny_network
 
-BENCHES = [["bench", "engine"], ["bench", "stream"], ["bench", "serve"]]
+BENCHES = [["bench", "engine"], ["bench", "align"], ["bench", "stream"], ["bench", "serve"]]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 SETUP = Setup("0.6B", "bfloat16", "cpu", "", 2, None, False)
 
@@ -133,7 +134,8 @@ def test_serve_row_splits_final_latency_by_position_and_counts_lost_finals():
     assert figures["final_p50_first_half_s"] == 1.5 and figures["final_p50_second_half_s"] == 4.0
     assert (figures["rtf"], figures["lost_finals"], figures["errors"]) == (0.5, 1, 1)
     assert figures["error_codes"] == ["missing_final"]
-    assert len(row.line().split()) == 12 and HEADER.split()[-3:] == ["half", "lost", "errors"]
+    assert len(row.line().split()) == 13 and HEADER.split()[-3:] == ["half", "lost", "errors"]
+    assert row.line().split()[2] == "-" and ServeRow(8, 2, row.report, timestamps=True).line().split()[2] == "words"
     empty = ServeRow(1, 1, _load_report((), ()))
     assert empty.figures()["final_p50_s"] is None and "n/a" in empty.line()
 
@@ -175,6 +177,7 @@ def tiny_benches(monkeypatch):
         return tiny_network().to(dtype)
 
     monkeypatch.setattr("asrlive._bench_stream.random_network", build)
+    monkeypatch.setattr("asrlive._bench_align.random_aligner_network", lambda dtype: tiny_aligner().to(dtype))
 
 
 @pytest.mark.slow
@@ -200,6 +203,29 @@ def test_bench_serve_json(tiny_benches, capsys):
     assert (row["batch"], row["sessions"], row["errors"], row["lost_finals"]) == (2, 2, 0, 0)
     assert row["finals"] >= 2 and row["final_p50_s"] > 0
     assert set(row) >= {"final_p50_first_half_s", "final_p50_second_half_s", "partial_p95_s", "rtf"}
+
+
+@pytest.mark.slow
+def test_bench_serve_with_timestamps_runs_each_row_twice(tiny_benches, capsys):
+    argv = ["bench", "serve", "--sessions", "1", "--batch", "2", "--duration", "5", "--dtype", "float32"]
+    assert main([*argv, "--timestamps", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(row["sessions"], row["timestamps"]) for row in rows] == [(1, False), (1, True)]
+    assert all(row["errors"] == row["lost_finals"] == 0 and row["finals"] >= 1 for row in rows)
+
+
+@pytest.mark.slow
+def test_bench_align_json(tiny_benches, capsys):
+    assert main(["bench", "align", "--repeats", "1", "--dtype", "float32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["repeats"] == 1 and report["words_per_second"] == 2.5
+    assert "Qwen3-ForcedAligner-0.6B shapes" in report["model"]
+    assert [row["audio_s"] for row in report["rows"]] == [2, 5, 10, 30]
+    for row in report["rows"]:
+        assert row["words"] == round(2.5 * row["audio_s"])
+        assert row["prompt_rows"] == 2 + 13 * row["audio_s"] + 3 * row["words"]  # audio tokens, units, slots
+        assert 0 < row["encoder_ms"] < row["total_ms"] and row["llm_ms"] > 0
+        assert row["ms_per_audio_s"] == pytest.approx(row["total_ms"] / row["audio_s"])
 
 
 @pytest.mark.slow

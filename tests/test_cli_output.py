@@ -138,13 +138,13 @@ def test_a_folder_gets_one_file_per_input_and_m4a_is_read(speech, checkpoints, l
 def test_ctrl_c_leaves_the_pieces_already_done(checkpoints, long_segments, tmp_path, monkeypatch, capsys):
     real = asrlive.engine.transcribe
 
-    def interrupted_after_two(model, audio, options, on_segment):
+    def interrupted_after_two(model, audio, options, on_segment, aligner=None):
         def counted(segment):
             on_segment(segment)
             if segment.end > 20:
                 raise KeyboardInterrupt
 
-        return real(model, audio, options, on_segment=counted)
+        return real(model, audio, options, on_segment=counted, aligner=aligner)
 
     monkeypatch.setattr(asrlive.engine, "transcribe", interrupted_after_two)
     for suffix in (".srt", ".json"):

@@ -57,6 +57,7 @@ def test_start_defaults_and_fields():
         pytest.param(start(context="x" * 10_001), "bad_start", id="context too long"),
         (start(partial_interval_ms=50), "bad_start"),
         (start(partials="yes"), "bad_start"),
+        (start(timestamps=1), "bad_start"),
         (start(channels=2), "bad_start"),
         # Hostile JSON: a parser limit reached is an error of its own, never a crash.
         pytest.param(DEEP, "bad_message", id="5000-deep array"),

@@ -150,6 +150,7 @@ async def test_health_metrics_and_unknown_paths(load_model):
             "version": None,
             "protocol": 1,
             "model": server.model_name,
+            "aligner": None,
             "sessions": 0,
             "max_sessions": 16,
         }

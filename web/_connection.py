@@ -277,6 +277,10 @@ class Connection:
         except ValueError as exc:
             raise ProtocolError("bad_start", str(exc)) from None
         check_context_tokens(start.context, self.server.control_tokens)
+        if start.timestamps and self.server.aligner is None:
+            raise ProtocolError(
+                "bad_start", "this server has no forced aligner for word timestamps (asrlive serve --aligner ...)"
+            )
         return language
 
     def _open(self, start: Start, language: str | None, transport_fields: dict[str, Any]) -> None:
@@ -285,7 +289,7 @@ class Connection:
         options = replace(self.options.session, partials=start.partials, partial_interval_ms=interval)
         session = Session(replace(options, speculative_finals=True))
         decoding = replace(self.options.decoding, language=language, context=start.context)
-        self._stream = Stream(session, decoding, self)
+        self._stream = Stream(session, decoding, self, timestamps=start.timestamps)
         self.server.scheduler.add(self._stream)
         self.server.metrics.sessions_total.inc()
         self._send(
@@ -298,6 +302,7 @@ class Connection:
                 **transport_fields,  # sample_rate, encoding
                 "partials": start.partials,
                 "partial_interval_ms": interval,
+                "timestamps": start.timestamps,
                 "limits": {
                     "max_frame_bytes": self.options.max_frame_bytes,
                     "idle_timeout_s": self.options.idle_timeout_s,

@@ -27,6 +27,11 @@ slot never goes stale: it is taken from the session only when it is admitted.
 Speculative finals reach the engine as partials (``final=False``), so the engine keeps their
 utterance's state; whenever a session's finals advance (``Session.finalized``), the thread is told
 to release every utterance up to the newest final, so memory stays flat.
+
+Word timestamps. For a stream that asked for them, a final's (or speculative final's) hypothesis
+goes on to the forced aligner (``_align_stage``) before it is delivered; the thread alternates a
+round of transcription and a round of alignment. Its job stays in flight until the words are in,
+and a stale speculation is cancelled there like anywhere else.
 """
 
 from __future__ import annotations
@@ -41,12 +46,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber
+from asrlive.engine._aligner import Aligner
 from asrlive.engine._batch import ContinuousBatch, Finished
 from asrlive.streaming import SAMPLE_RATE, Event, Job, Session
 
+from ._align_stage import Aligned, AlignStage
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from asrlive.engine._steps import Steps
 
 log = logging.getLogger("asrlive.server")
@@ -71,6 +80,7 @@ class Stream:
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     work: _Work | None = None  # its computation in flight, as the event loop sees it
     released: int = -1  # the engine state of utterances up to this one is released
+    timestamps: bool = False  # its finals carry word times
 
     @property
     def in_flight(self) -> bool:
@@ -101,9 +111,15 @@ _Message = _Work | _Cancel | _Release | None  # a _Work is admitted; None stops 
 
 class Scheduler:
     def __init__(
-        self, model: AsrModel, metrics: Metrics, max_batch: int = 8, make_transcriber: TranscriberFactory | None = None
+        self,
+        model: AsrModel,
+        metrics: Metrics,
+        max_batch: int = 8,
+        make_transcriber: TranscriberFactory | None = None,
+        aligner: Aligner | None = None,
     ) -> None:
         self.model = model
+        self.aligner = aligner
         self.metrics = metrics
         self.max_batch = max_batch
         self._make = make_transcriber or StreamTranscriber
@@ -228,8 +244,11 @@ class Scheduler:
             stream.closed = True  # its engine state may be half updated
             stream.listener.on_failure(result)
             return
+        alignment = None
+        if isinstance(result, Aligned):
+            result, alignment = result.hypothesis, result.alignment
         hypothesis = cast(Hypothesis, result)
-        events = stream.session.complete(job, hypothesis.token_ids, hypothesis.text, hypothesis.language)
+        events = stream.session.complete(job, hypothesis.token_ids, hypothesis.text, hypothesis.language, alignment)
         stream.listener.on_result(job, events)
 
     def _check_drained(self, stream: Stream) -> None:
@@ -241,19 +260,25 @@ class Scheduler:
     def _infer(self, loop: asyncio.AbstractEventLoop) -> None:
         """Between rounds, whatever the event loop sent (waiting for it only when idle); then a round."""
         batch = ContinuousBatch(self.model)
+        stage = AlignStage(self.aligner) if self.aligner is not None else None
         while True:
-            messages = self._take(wait=not len(batch))
+            messages = self._take(wait=not len(batch) and not stage)
             started = time.monotonic()  # admitting runs model code too (up to each job's first request)
             admitted = False
             for message in messages:
                 if message is None:
                     return
-                admitted |= self._handle(batch, message)
-            if not admitted and not len(batch):
+                admitted |= self._handle(batch, stage, message)
+            if not admitted and not len(batch) and not stage:
                 continue
             finished = batch.step()
+            if stage is not None:
+                finished = stage.admit(finished, self._audio_to_align)
+                if stage:
+                    finished += stage.step()
             # Computations in this round: those still running and those it finished.
-            loop.call_soon_threadsafe(self._on_round, finished, time.monotonic() - started, len(finished) + len(batch))
+            running = len(finished) + len(batch) + (len(stage) if stage is not None else 0)
+            loop.call_soon_threadsafe(self._on_round, finished, time.monotonic() - started, running)
 
     def _take(self, wait: bool) -> list[_Message]:
         messages = [self._inbox.get()] if wait else []
@@ -261,10 +286,19 @@ class Scheduler:
             messages.append(self._inbox.get_nowait())
         return messages
 
-    def _handle(self, batch: ContinuousBatch, message: _Work | _Cancel | _Release) -> bool:
+    @staticmethod
+    def _audio_to_align(key: object) -> np.ndarray | None:
+        """The audio of a finished transcription whose words its stream wants (a final's, or a speculation's)."""
+        job = cast(_Work, key).job
+        wanted = cast(_Work, key).stream.timestamps and (job.final or job.speculative)
+        return job.audio if wanted else None
+
+    def _handle(self, batch: ContinuousBatch, stage: AlignStage | None, message: _Work | _Cancel | _Release) -> bool:
         """Apply one message; whether it admitted a computation."""
         if isinstance(message, _Cancel):
             batch.cancel(message.work)
+            if stage is not None:
+                stage.cancel(message.work)
         elif isinstance(message, _Release):
             transcriber = message.stream.transcriber
             if transcriber is not None:

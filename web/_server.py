@@ -20,6 +20,7 @@ from websockets.http11 import Request, Response
 
 from asrlive import __version__
 from asrlive.engine import LANGUAGES, AsrModel
+from asrlive.engine._aligner import Aligner
 from asrlive.streaming import PROTOCOL_VERSION, ProtocolError
 
 from ._connection import Connection, authorized
@@ -46,15 +47,20 @@ class AsrServer:
     protocol_version = PROTOCOL_VERSION
 
     def __init__(
-        self, model: AsrModel, options: ServerOptions, make_transcriber: TranscriberFactory | None = None
+        self,
+        model: AsrModel,
+        options: ServerOptions,
+        make_transcriber: TranscriberFactory | None = None,
+        aligner: Aligner | None = None,
     ) -> None:
         self.model = model
         self.model_name = model.info.name
+        self.aligner = aligner  # word timestamps for the sessions that ask for them
         # What a client's context may not spell (its control tokens): the tokenizer's, read once.
         self.control_tokens = tuple(model.tokenizer.get_added_vocab())
         self.options = options
         self.metrics = Metrics()
-        self.scheduler = Scheduler(model, self.metrics, options.max_batch, make_transcriber)
+        self.scheduler = Scheduler(model, self.metrics, options.max_batch, make_transcriber, aligner)
         self._connections: set[Connection] = set()
         self.peers: set[RTCPeerConnection] = set()  # WebRTC peer connections now open
         self._page = load_page()
@@ -182,7 +188,8 @@ class AsrServer:
         if path in self._page:
             return file_response(*self._page[path])
         if path == LANGUAGES_PATH:
-            return _response(ws, http.HTTPStatus.OK, json.dumps({"languages": LANGUAGES}) + "\n", "application/json")
+            body = {"languages": LANGUAGES, "timestamps": self.aligner is not None}
+            return _response(ws, http.HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
         if path == "/healthz":
             status = http.HTTPStatus.SERVICE_UNAVAILABLE if self._stopping else http.HTTPStatus.OK
             body = {
@@ -190,6 +197,7 @@ class AsrServer:
                 "version": __version__,
                 "protocol": PROTOCOL_VERSION,
                 "model": self.model_name,
+                "aligner": self.aligner.info.name if self.aligner is not None else None,
                 "sessions": self._admitted,
                 "max_sessions": self.options.max_sessions,
             }

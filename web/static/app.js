@@ -2,7 +2,7 @@
 // and may span several sessions: a lost connection or a busy server is retried with backoff.
 
 import { RtcSession, WebSocketSession, openMicrophone } from "./sessions.js";
-import { Transcript, clock } from "./transcript.js";
+import { Transcript, finalItem } from "./transcript.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -11,6 +11,8 @@ const ui = {
   language: $("language"),
   microphone: $("microphone"),
   context: $("context"),
+  timestamps: $("timestamps"),
+  timestampsField: $("timestamps-field"),
   state: $("state"),
   detected: $("detected"),
   latency: $("latency"),
@@ -54,7 +56,8 @@ function hideMessage() {
 function setRunning(running) {
   ui.toggle.textContent = running ? "Stop" : "Start";
   ui.toggle.classList.toggle("running", running);
-  for (const control of [ui.transport, ui.language, ui.microphone, ui.context]) control.disabled = running;
+  const controls = [ui.transport, ui.language, ui.microphone, ui.context, ui.timestamps];
+  for (const control of controls) control.disabled = running;
 }
 
 async function start() {
@@ -82,7 +85,11 @@ async function start() {
 
 function connect() {
   if (!run || run.stopping) return;
-  const settings = { language: ui.language.value === "auto" ? null : ui.language.value, context: ui.context.value };
+  const settings = {
+    language: ui.language.value === "auto" ? null : ui.language.value,
+    context: ui.context.value,
+    timestamps: !ui.timestampsField.hidden && ui.timestamps.checked,
+  };
   const Kind = ui.transport.value === "webrtc" ? RtcSession : WebSocketSession;
   const session = new Kind(run.stream, settings, {
     event: (event) => onEvent(session, event),
@@ -178,17 +185,7 @@ function clearPartial(segment) {
 function addFinal(entry, event) {
   clearPartial(event.segment);
   if (event.language) ui.detected.textContent = event.language;
-  const item = document.createElement("li");
-  item.className = "final";
-  item.dataset.start = entry.start;
-  item.dataset.end = entry.end;
-  const time = document.createElement("time");
-  time.textContent = clock(entry.start);
-  const text = document.createElement("span");
-  text.className = "text";
-  text.textContent = entry.text;
-  item.append(time, text);
-  ui.finals.append(item);
+  ui.finals.append(finalItem(entry));
   scrollDown();
 }
 
@@ -216,7 +213,8 @@ async function listMicrophones() {
 
 async function listLanguages() {
   const response = await fetch("/v1/languages");
-  const { languages } = await response.json();
+  const { languages, timestamps } = await response.json();
+  ui.timestampsField.hidden = !timestamps; // the server has a forced aligner
   for (const name of languages) ui.language.append(new Option(name, name));
 }
 

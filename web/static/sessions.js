@@ -23,8 +23,11 @@ export function openMicrophone(deviceId) {
   return navigator.mediaDevices.getUserMedia({ audio });
 }
 
+// settings: {language, context, timestamps}; "timestamps" is sent only when asked for.
 function startMessage(settings, extra) {
-  return JSON.stringify({ type: "start", protocol: 1, language: settings.language, context: settings.context, ...extra });
+  const { language, context, timestamps } = settings;
+  const words = timestamps ? { timestamps: true } : {};
+  return JSON.stringify({ type: "start", protocol: 1, language, context, ...words, ...extra });
 }
 
 class Session {
