@@ -32,7 +32,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 # What `asrlive serve`, `transcribe` and `bench` need beyond a client install (`asrlive[server]`).
-SERVER_MODULES = ("torch", "transformers", "safetensors", "aiortc", "prometheus_client")
+SERVER_MODULES = ("torch", "transformers", "safetensors", "aiortc", "prometheus_client", "starlette", "uvicorn")
 
 
 # The options' messages name their fields; a person typed flags.
@@ -46,9 +46,11 @@ FLAGS = {
     "max_sessions": "--max-sessions",
     "max_batch": "--max-batch",
     "max_frame_bytes": "--max-frame-bytes",
+    "max_upload_bytes": "--max-upload-mb",
     "idle_timeout_s": "--idle-timeout",
     "max_session_s": "--max-session-seconds",
     "certfile and keyfile": "--certfile and --keyfile",
+    "allowed_origins": "--allowed-origins",
 }
 _FIELDS = re.compile(r"\b(" + "|".join(map(re.escape, FLAGS)) + r")\b")
 

@@ -38,6 +38,7 @@ def _add_serve(commands: Commands) -> None:
         help="run the streaming WebSocket server",
         description=f"Serve live transcription over WebSocket at ws://HOST:PORT{STREAM_PATH} and WebRTC "
         "(signalled at /v1/rtc; protocol: docs/protocol.md), the live captions page at http://HOST:PORT/, "
+        "OpenAI-compatible endpoints under /v1 (models, audio/transcriptions, realtime: docs/openai.md), "
         "GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes every open utterance, then exits.",
     )
     add_model_options(cmd)
@@ -58,6 +59,13 @@ def _add_serve(commands: Commands) -> None:
         "for the microphone anywhere but localhost",
     )
     cmd.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
+    cmd.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="ORIGIN[,ORIGIN...]",
+        help="only pages of these origins (e.g. https://example.com,http://localhost:8765) and the server's own "
+        "page may open WebSocket sessions; clients other than browsers send no origin (default: any origin)",
+    )
     limits = cmd.add_argument_group("limits")
     limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="(default: %(default)s)")
     limits.add_argument(
@@ -80,6 +88,12 @@ def _add_serve(commands: Commands) -> None:
         help="refuse new sessions while open ones get results this many seconds late; 0: never (default: %(default)s)",
     )
     limits.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=defaults.max_upload_bytes / 2**20,
+        help="largest file POST /v1/audio/transcriptions takes, MiB (default: %(default)g, OpenAI's limit)",
+    )
+    limits.add_argument(
         "--partial-interval-ms",
         type=int,
         default=defaults.session.partial_interval_ms,
@@ -99,16 +113,24 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
             token=args.token,
             certfile=args.certfile,
             keyfile=args.keyfile,
+            allowed_origins=_origins(args.allowed_origins),
             max_sessions=args.max_sessions,
             max_batch=args.max_batch,
             max_frame_bytes=args.max_frame_bytes,
             idle_timeout_s=args.idle_timeout,
             max_session_s=args.max_session_seconds,
             max_lag_s=args.max_lag,
+            max_upload_bytes=round(args.max_upload_mb * 2**20),
             session=SessionOptions(partial_interval_ms=args.partial_interval_ms),
         )
     except ValueError as exc:
         raise invalid_options(exc) from None
+
+
+def _origins(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(origin for origin in (part.strip() for part in text.split(",")) if origin)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -138,8 +160,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     check_device_options(args.device, args.quantize)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # websockets logs its own "server listening" and every HTTP request: the server says it once.
-    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # uvicorn logs its start, its stop and every WebSocket handshake: the server says what matters once.
+    for name in ("uvicorn", "websockets"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     model = load_model(args.model, args.dtype, args.device, args.quantize)
     aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize) if args.aligner else None
     if not args.plain_weights and model.pack_weights():

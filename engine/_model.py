@@ -24,7 +24,7 @@ from ._kvcache import KVCache
 from ._llm import LeanLM
 from ._options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_NAMES
 from ._prompt import PromptIds, TextEncoder
-from ._steps import Encode, Step, Steps, greedy_steps, run
+from ._steps import Encode, Step, Steps, run
 from ._weights import PackedLinear, can_pack_weights, check_quantize, quantize_weights, weight_bytes
 
 if TYPE_CHECKING:
@@ -285,17 +285,6 @@ class AsrModel(LoadedNetwork):
     def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
         """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""
         return torch.cat([self.embed(prompt.prefix), audio_embeds.to(self.dtype), self.embed(prompt.suffix)], dim=0)
-
-    @torch.inference_mode()
-    def greedy_decode(self, embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
-        """Greedy continuation of a prompt given as embeddings; the eos token is not returned.
-
-        Token-identical to ``generate(do_sample=False)``: the same prefill over the whole prompt,
-        then one token per step against the growing KV cache, logits only for the last position.
-        """
-        cache = self.new_cache()
-        next_id = int(self.forward(embeds, cache, 1)[0])
-        return self.run(greedy_steps(self, next_id, cache, [], max_new_tokens))
 
 
 def load_tokenizer(path: Path, expected_ids: dict[str, int]) -> Tokenizer:

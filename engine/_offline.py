@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from asrlive._audio import SAMPLE_RATE
 from asrlive._words import Alignment
@@ -14,7 +15,8 @@ from asrlive._words import Alignment
 from ._aligner import Aligner
 from ._model import AsrModel
 from ._options import DecodingOptions
-from ._prompt import build_prompt, parse_answer
+from ._prompt import PromptIds, build_prompt, parse_answer
+from ._steps import Encode, Step, Steps, greedy_steps
 
 # Token budget when none is given: the language tag plus far more text than anyone speaks
 # (fast speech is ~5 tokens/s), so only a looping model ever reaches it.
@@ -66,22 +68,56 @@ def transcribe(
     options = options or DecodingOptions()
     prompt = build_prompt(model.tokenizer, options.context, options.language)
     segments = []
-    longest = options.max_segment_seconds
-    if aligner is not None:
-        longest = min(longest, aligner.timing.max_seconds)
-    for start, end in split_points(audio, int(longest * SAMPLE_RATE)):
+    for start, end in pieces(audio, options, aligner):
         piece = audio[start:end]
-        embeds = model.prompt_embeddings(prompt, model.encode_audio(piece))
-        ids = model.greedy_decode(embeds, token_budget(piece.size / SAMPLE_RATE, options))
-        language, text = parse_answer(model.decode_text(ids), options.language)
-        alignment = None if aligner is None else aligner.alignment(piece, text, language).shifted(start / SAMPLE_RATE)
-        segment = Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, language, text, tuple(ids), alignment)
+        ids = model.run(piece_steps(model, prompt, piece, options))
+        segment = make_segment(model, options, start, end, ids)
+        if aligner is not None:
+            alignment = aligner.alignment(piece, segment.text, segment.language).shifted(segment.start)
+            segment = replace(segment, alignment=alignment)
         segments.append(segment)
         if on_segment is not None:
             on_segment(segment)
+    return joined(segments, audio.size / SAMPLE_RATE)
+
+
+def pieces(audio: np.ndarray, options: DecodingOptions, aligner: Aligner | None = None) -> list[tuple[int, int]]:
+    """Where a clip is cut for transcription: pieces of at most ``max_segment_seconds``, and no
+    longer than an ``aligner`` can time."""
+    longest = options.max_segment_seconds
+    if aligner is not None:
+        longest = min(longest, aligner.timing.max_seconds)
+    return split_points(audio, int(longest * SAMPLE_RATE))
+
+
+def piece_steps(model: AsrModel, prompt: PromptIds, piece: np.ndarray, options: DecodingOptions) -> Steps[list[int]]:
+    """The greedy answer for one piece as a computation (``_steps``): the ids after the prompt, eos excluded.
+
+    Run alone it computes what ``generate`` does: one encoder pass per 8 s attention window, the
+    prefill of the whole prompt, then one token per step.
+    """
+    chunks = model.encode_front(model.features(piece))
+    per = model.frames_per_window // model.frames_per_chunk
+    windows = []
+    for first in range(0, len(chunks), per):
+        windows.append((yield Encode(torch.cat(chunks[first : first + per]))))
+    embeds = model.prompt_embeddings(prompt, torch.cat(windows))
+    cache = model.new_cache()
+    next_id = int((yield Step(embeds, cache, 1))[0])
+    budget = token_budget(piece.size / SAMPLE_RATE, options)
+    return (yield from greedy_steps(model, next_id, cache, [], budget))
+
+
+def make_segment(model: AsrModel, options: DecodingOptions, start: int, end: int, ids: list[int]) -> Segment:
+    """The piece ``[start, end)`` (samples) with its answer parsed into language and text."""
+    language, text = parse_answer(model.decode_text(ids), options.language)
+    return Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, language, text, tuple(ids))
+
+
+def joined(segments: list[Segment], duration: float) -> Transcription:
     language = next((s.language for s in segments if s.language), None)
     text = " ".join(s.text for s in segments if s.text)
-    return Transcription(language, text, audio.size / SAMPLE_RATE, tuple(segments))
+    return Transcription(language, text, duration, tuple(segments))
 
 
 def split_points(audio: np.ndarray, max_samples: int) -> list[tuple[int, int]]:

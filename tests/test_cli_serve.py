@@ -145,3 +145,11 @@ async def test_serve_reports_a_missing_model_and_a_busy_port(checkpoints, tmp_pa
     assert code == 2 and err == f"asrlive serve: cannot listen on 127.0.0.1:{port}: the port is in use\n"
     listening = [line for line in server.log if "listening" in line]
     assert listening == [f"asrlive: listening on {server.url.result()} (captions page: http://127.0.0.1:{port}/)"]
+
+
+async def test_serve_checks_the_allowed_origins_before_loading(tmp_path):
+    command = [*_asrlive(), "serve", "--model", str(tmp_path / "nothing"), "--allowed-origins", "https://a.example, b"]
+    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode == 2
+    assert err.decode() == "asrlive serve: --allowed-origins: 'b' is no origin (scheme://host or scheme://host:port)\n"

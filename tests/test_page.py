@@ -93,3 +93,11 @@ def test_tls_options_are_checked_up_front(tmp_path):
         ServerOptions(certfile=str(certfile))
     with pytest.raises(ValueError, match="cannot load the TLS certificate"):
         ServerOptions(certfile=str(certfile), keyfile=str(tmp_path / "missing.pem"))
+
+
+def test_allowed_origins_are_origins():
+    options = ServerOptions(allowed_origins=("HTTPS://Captions.Example/", "https://a.example:443", "http://b:8080"))
+    assert options.allowed_origins == ("https://captions.example", "https://a.example", "http://b:8080")
+    for wrong in ("captions.example", "https://a.example/page", "null", "*", "https://a.example:port"):
+        with pytest.raises(ValueError, match="is no origin"):
+            ServerOptions(allowed_origins=(wrong,))

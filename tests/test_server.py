@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from asrlive.clients import SessionRefused, connect
 from asrlive.engine import SAMPLE_RATE, DecodingOptions
+from asrlive.web import RTC_PATH
 
-from .serving import GAP, TIMEOUT, delayed_transcriber, eventually, offline_token_ids, running_server, stream_audio
+from .serving import (
+    GAP,
+    TIMEOUT,
+    delayed_transcriber,
+    eventually,
+    offline_token_ids,
+    raw_session,
+    running_server,
+    start_message,
+    stream_audio,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -160,6 +177,55 @@ async def test_health_metrics_and_unknown_paths(load_model):
             assert name in body
         status, _, body = await get(server, "/nope")
         assert status == 404 and "/v1/stream" in body
+        for path in ("/healthz/", "/v1/stream/"):  # no redirects
+            assert (await get(server, path))[0] == 404
+
+
+async def test_plain_http_on_the_websocket_paths_and_handshakes_elsewhere(load_model, caplog):
+    async with running_server(load_model("hf")) as server:
+        for path in ("/v1/stream", "/v1/rtc"):
+            status, content_type, body = await get(server, path)
+            assert status == 426 and content_type == "text/plain; charset=utf-8" and "WebSocket" in body
+        for path in ("/v2/stream", "/healthz"):
+            with pytest.raises(InvalidStatus) as refused:
+                await ws_connect(f"ws://127.0.0.1:{server.port}{path}", open_timeout=TIMEOUT)
+            assert refused.value.response.status_code == 404 and b"/v1/stream" in refused.value.response.body
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_routes_can_be_added(load_model):
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(f"hello {request.query_params['name']}")
+
+    async with running_server(load_model("hf")) as server:
+        server.add_routes([Route("/v1/hello", hello)])
+        assert await get(server, "/v1/hello?name=asr") == (200, "text/plain; charset=utf-8", "hello asr")
+        assert (await get(server, "/healthz"))[0] == 200
+
+
+FINISH = json.dumps({"type": "finish"})
+
+
+async def test_allowed_origins(load_model, caplog):
+    """With a list, a browser's handshake from another origin is refused (403) before any session;
+    the listed origins, the server's own page and clients that send no Origin are served."""
+    allowed = ("https://captions.example", "http://localhost:8765")
+    async with running_server(load_model("hf"), allowed_origins=allowed) as server:
+        for url in (server.url, server.url.replace("/v1/stream", RTC_PATH)):
+            with pytest.raises(InvalidStatus) as refused:
+                await ws_connect(url, origin="https://elsewhere.example", open_timeout=TIMEOUT)
+            assert refused.value.response.status_code == 403
+        own_page = f"http://127.0.0.1:{server.port}"
+        served = [
+            await raw_session(server.url, [start_message(), FINISH], origin=origin)
+            for origin in (None, *allowed, own_page)
+        ]
+    assert [r.events[0]["session"] for r in served] == ["s1", "s2", "s3", "s4"]  # the refusals were no sessions
+    assert all(r.types == ["ready", "done"] and r.close_code == 1000 for r in served)
+    async with running_server(load_model("hf")) as server:  # no list: any origin
+        anywhere = await raw_session(server.url, [start_message(), FINISH], origin="https://elsewhere.example")
+    assert anywhere.types == ["ready", "done"]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 async def test_shutdown_delivers_the_finals_of_open_sessions(load_model, speech):

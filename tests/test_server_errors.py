@@ -158,6 +158,21 @@ async def test_far_oversized_message_is_cut_by_the_websocket_layer(load_model):
     assert ready["type"] == "ready" and ws.close_code == 1009
 
 
+async def test_a_message_in_too_many_fragments_is_cut_by_the_websocket_layer(load_model):
+    """4096 fragments make one message; more fail the connection (1009) when the server reads it."""
+    silence = [b"\x00\x00"] * 4095  # one sample each; the client adds an empty last fragment
+    async with running_server(load_model("hf")) as server:
+        whole = await raw_session(server.url, [start_message(), silence, FINISH])
+        async with ws_connect(server.url, open_timeout=TIMEOUT) as ws:
+            await ws.send(start_message())
+            ready = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            await ws.send([*silence, b"\x00\x00"])
+            await asyncio.wait_for(ws.wait_closed(), TIMEOUT)
+    assert whole.types == ["ready", "done"] and whole.events[-1]["audio_seconds"] == 4095 / SAMPLE_RATE
+    assert whole.close_code == 1000
+    assert ready["type"] == "ready" and ws.close_code == 1009
+
+
 async def test_text_that_is_not_utf8_is_closed_by_the_websocket_layer(load_model, speech):
     """1007, with no event after it; a start before it is always answered first."""
     frames = [pcm16(speech["goforward"][i : i + 1600]) for i in range(0, 8000, 1600)]

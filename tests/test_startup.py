@@ -16,7 +16,17 @@ from asrlive.web import STREAM_PATH as SERVER_STREAM_PATH
 from .checkpoints import FIXTURES
 from .serving import TIMEOUT, running_server
 
-SERVER_ONLY = ("torch", "transformers", "safetensors", "aiortc", "prometheus_client", "huggingface_hub")
+SERVER_ONLY = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "aiortc",
+    "prometheus_client",
+    "huggingface_hub",
+    "starlette",
+    "uvicorn",
+)
+SERVER_TOP = {"torch", "transformers", "aiortc", "starlette", "uvicorn"}  # none of them may load on the client side
 
 # Run in a fresh interpreter where the server extra's modules cannot be imported, as after
 # `pip install asrlive` without `[server]`; report the exit code and what got imported.
@@ -46,7 +56,7 @@ def _client_only(argv: list[str]) -> dict:
 def test_help_needs_no_server_modules(argv):
     result = _client_only(argv)
     assert result["code"] == 0 and "usage: asrlive" in result["out"]
-    assert not set(result["imported"]) & {"torch", "transformers", "aiortc"}
+    assert not set(result["imported"]) & SERVER_TOP
 
 
 def test_client_commands_run_without_the_server_extra(tmp_path):
@@ -55,7 +65,7 @@ def test_client_commands_run_without_the_server_extra(tmp_path):
     assert result["code"] == 2 and result["err"] == f"asrlive stream: {missing}: no such file\n"
     result = _client_only(["mic", "--output", str(tmp_path / "no-such-folder" / "x.srt")])
     assert result["code"] == 2 and "the folder" in result["err"] and "does not exist" in result["err"]
-    assert not set(result["imported"]) & {"torch", "transformers", "aiortc"}
+    assert not set(result["imported"]) & SERVER_TOP
 
 
 @pytest.mark.parametrize("command", [["serve"], ["transcribe", "x.wav"], ["bench", "stream"]])
@@ -68,7 +78,7 @@ def test_model_commands_name_the_missing_extra(command):
 def test_importing_the_client_loads_no_model_code():
     script = "import sys, asrlive.clients; print(sorted({m.split('.')[0] for m in sys.modules}))"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    assert not set(eval(proc.stdout)) & {"torch", "transformers", "aiortc"}
+    assert not set(eval(proc.stdout)) & SERVER_TOP
 
 
 @pytest.mark.parametrize(

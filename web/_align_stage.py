@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from asrlive._words import Alignment
 from asrlive.engine import Hypothesis
 from asrlive.engine._aligner import Aligner, alignment_steps
 from asrlive.engine._batch import ContinuousBatch, Finished
+
+if TYPE_CHECKING:
+    from asrlive.engine._steps import Steps
 
 log = logging.getLogger("asrlive.server")
 
@@ -42,10 +46,16 @@ class AlignStage:
         self._batch = ContinuousBatch(aligner)
         self._aligner = aligner
         self._waiting: dict[Hashable, Hypothesis] = {}
+        self._direct: set[Hashable] = set()
 
     def __len__(self) -> int:
-        """Hypotheses waiting (an alignment may finish as it is admitted: the next step reports it)."""
-        return len(self._waiting)
+        """Alignments waiting (one may finish as it is admitted: the next step reports it)."""
+        return len(self._waiting) + len(self._direct)
+
+    def add(self, key: Hashable, computation: Steps[Any]) -> None:
+        """An alignment of its own (not a final's hypothesis): its result is reported as it is."""
+        self._direct.add(key)
+        self._batch.add(key, computation)
 
     def admit(self, finished: list[Finished], audio_of: Callable[[Hashable], np.ndarray | None]) -> list[Finished]:
         """Start aligning every finished hypothesis whose key has audio to align; the rest as they were."""
@@ -61,13 +71,18 @@ class AlignStage:
         return passed
 
     def cancel(self, key: Hashable) -> None:
-        if self._waiting.pop(key, None) is not None:
+        if self._waiting.pop(key, None) is not None or key in self._direct:
+            self._direct.discard(key)
             self._batch.cancel(key)
 
     def step(self) -> list[Finished]:
         """One round of the aligner; the hypotheses whose words are done, as ``Aligned``."""
         done = []
         for item in self._batch.step():
+            if item.key in self._direct:
+                self._direct.discard(item.key)
+                done.append(item)
+                continue
             hypothesis = self._waiting.pop(item.key)
             alignment = item.result
             if isinstance(alignment, BaseException):

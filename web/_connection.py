@@ -24,10 +24,9 @@ import logging
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.engine import normalize_language
@@ -50,6 +49,7 @@ from ._transport import Incoming, Transport
 
 if TYPE_CHECKING:
     from ._server import AsrServer
+    from ._websocket import ServerWebSocket
 
 log = logging.getLogger("asrlive.server")
 
@@ -80,6 +80,7 @@ class Connection:
         self.admitted = False  # counted against max_sessions
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self._stream: Stream | None = None
+        self._session: Session | None = None  # the stream's session, as this protocol drives it
         self._received = 0  # 16 kHz samples fed to the session
         self._arrival_positions: list[int] = []
         self._arrival_times: list[float] = []
@@ -186,7 +187,8 @@ class Connection:
     def _send_done(self, reason: str) -> None:
         assert self._stream is not None
         seconds = self.transport.seconds
-        segments = self._stream.session.segments
+        assert self._session is not None
+        segments = self._session.segments
         self._send({"type": "done", "reason": reason, "audio_seconds": seconds, "segments": segments})
         log.info(
             "%s: %s, language %s, %.1f s of audio, %d finals, ended: %s",
@@ -207,7 +209,8 @@ class Connection:
         assert self._stream is not None
         # The utterance the ending cuts short closes: its speech_stopped (reason finish) is the one
         # event besides finals that may follow an error, so it bypasses _send_events' filter.
-        events = self._stream.session.finish()
+        assert self._session is not None
+        events = self._session.finish()
         self._observe(events)  # a final whose speculative result was in already comes out of finish()
         for event in events:
             self._send(event.to_json())
@@ -289,6 +292,7 @@ class Connection:
         options = replace(self.options.session, partials=start.partials, partial_interval_ms=interval)
         session = Session(replace(options, speculative_finals=True))
         decoding = replace(self.options.decoding, language=language, context=start.context)
+        self._session = session
         self._stream = Stream(session, decoding, self, timestamps=start.timestamps)
         self.server.scheduler.add(self._stream)
         self.server.metrics.sessions_total.inc()
@@ -321,7 +325,8 @@ class Connection:
         if len(self._arrival_positions) > 2 * _ARRIVALS_KEPT:
             del self._arrival_positions[:_ARRIVALS_KEPT], self._arrival_times[:_ARRIVALS_KEPT]
         self.server.metrics.audio(pcm.size / SAMPLE_RATE)
-        events = self._stream.session.feed(pcm)
+        assert self._session is not None
+        events = self._session.feed(pcm)
         self._observe(events)  # a final whose speculative result was in already comes out of feed()
         self._send_events(events)
         self.server.scheduler.wake()
@@ -429,14 +434,14 @@ def _being_cancelled() -> bool:
     return cancelling is not None and bool(cancelling() > 0)
 
 
-def authorized(ws: ServerConnection, token: str | None) -> bool:
+def authorized(ws: ServerWebSocket, token: str | None) -> bool:
     """The bearer token, from the Authorization header or the ``token`` query parameter."""
     if token is None:
         return True
-    header = ws.request.headers.get("Authorization", "") if ws.request else ""
+    header = ws.headers.get("Authorization", "")
     offered = header[7:] if header.lower().startswith("bearer ") else ""
-    if not offered and ws.request is not None:
-        offered = parse_qs(urlsplit(ws.request.path).query).get("token", [""])[0]
+    if not offered:
+        offered = parse_qs(ws.query).get("token", [""])[0]
     return hmac.compare_digest(offered.encode(), token.encode())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from asrlive.engine import DecodingOptions
 from asrlive.streaming import SessionOptions
@@ -26,13 +27,17 @@ class ServerOptions:
     token: str | None = None
     certfile: str | None = None  # with keyfile: TLS (wss://, https://): browsers need it for a mic off localhost
     keyfile: str | None = None
+    # Origins of pages that may open WebSocket sessions (e.g. "https://example.com"), besides the
+    # server's own page; None: any. Clients that are not browsers send no Origin and are not affected.
+    allowed_origins: tuple[str, ...] | None = None
+    max_upload_bytes: int = 25 * 1024 * 1024  # a file for POST /v1/audio/transcriptions (OpenAI's limit)
     drain_timeout_s: float = 60.0  # at a session's end, how long the engine may stall before finals are given up
     close_timeout_s: float = 10.0
     session: SessionOptions = field(default_factory=SessionOptions)
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_batch", "max_frame_bytes"):
+        for name in ("max_sessions", "max_batch", "max_frame_bytes", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("idle_timeout_s", "max_session_s", "drain_timeout_s", "close_timeout_s"):
@@ -41,6 +46,10 @@ class ServerOptions:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("certfile and keyfile go together")
         self.tls_context()  # a missing or bad certificate is reported now, not at the first connection
+        if isinstance(self.allowed_origins, str):
+            raise ValueError("allowed_origins: a tuple of origins, not one string")
+        if self.allowed_origins is not None:
+            object.__setattr__(self, "allowed_origins", tuple(normalize_origin(o) for o in self.allowed_origins))
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self.certfile is None or self.keyfile is None:
@@ -51,3 +60,24 @@ class ServerOptions:
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"cannot load the TLS certificate {self.certfile} / key {self.keyfile}: {exc}") from None
         return context
+
+
+def normalize_origin(origin: str) -> str:
+    """An origin as browsers send it in the ``Origin`` header: ``scheme://host[:port]``, lower case."""
+    text = origin.strip().lower().removesuffix("/")
+    if not _is_origin(text):
+        raise ValueError(f"allowed_origins: {origin!r} is no origin (scheme://host or scheme://host:port)")
+    parts = urlsplit(text)
+    if (parts.scheme, parts.port) in (("http", 80), ("https", 443)):  # browsers leave the default port out
+        text = text.removesuffix(f":{parts.port}")
+    return text
+
+
+def _is_origin(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (a port that is no number, or out of range, raises)
+    except ValueError:
+        return False
+    only_host = parts.username is None and not (parts.path or "?" in text or "#" in text)
+    return bool(parts.scheme and parts.hostname) and only_host

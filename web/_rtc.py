@@ -21,7 +21,6 @@ import soxr
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.streaming import SAMPLE_RATE, ProtocolError, Start, decode_message, parse_start
@@ -31,6 +30,7 @@ from ._transport import Incoming, Transport
 
 if TYPE_CHECKING:
     from ._options import ServerOptions
+    from ._websocket import ServerWebSocket
 
 log = logging.getLogger("asrlive.server")
 
@@ -78,7 +78,7 @@ class RtcTransport(Transport):
     # task all along, so nothing would be gained by holding back the session's reads meanwhile.
     sends_ready_before_reading = False
 
-    def __init__(self, ws: ServerConnection, options: ServerOptions, peers: set[RTCPeerConnection]) -> None:
+    def __init__(self, ws: ServerWebSocket, options: ServerOptions, peers: set[RTCPeerConnection]) -> None:
         super().__init__(ws, options)
         self._peers = peers
         self._pc: RTCPeerConnection | None = None

@@ -41,14 +41,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+from asrlive._words import Alignment
 from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber
 from asrlive.engine._aligner import Aligner
 from asrlive.engine._batch import ContinuousBatch, Finished
-from asrlive.streaming import SAMPLE_RATE, Event, Job, Session
+from asrlive.streaming import SAMPLE_RATE, Job
 
 from ._align_stage import Aligned, AlignStage
 from ._metrics import Metrics
@@ -59,23 +60,43 @@ if TYPE_CHECKING:
     from asrlive.engine._steps import Steps
 
 log = logging.getLogger("asrlive.server")
+T = TypeVar("T")
 
 TranscriberFactory = Callable[[AsrModel, DecodingOptions], StreamTranscriber]
 
 
 class Listener(Protocol):
-    def on_result(self, job: Job, events: list[Event]) -> None: ...
+    def on_result(self, job: Job, events: list[Any]) -> None: ...  # the session's events for the result
     def on_failure(self, error: BaseException) -> None: ...
+
+
+class JobSource(Protocol):
+    """What the scheduler uses of a stream's session: asrlive's ``Session``, or an OpenAI Realtime
+    session (``streaming/_realtime.py``) whose events are JSON objects."""
+
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def finalized(self) -> int: ...
+    @property
+    def pending_finals(self) -> int: ...
+
+    def next_job(self, partials: bool = True) -> Job | None: ...
+    def stale(self, job: Job) -> bool: ...
+    def complete(
+        self, job: Job, token_ids: Sequence[int], text: str, language: str | None, alignment: Alignment | None = None
+    ) -> list[Any]: ...
 
 
 @dataclass(eq=False)
 class Stream:
     """What the scheduler knows of one connection."""
 
-    session: Session
-    decoding: DecodingOptions
+    session: JobSource
+    decoding: DecodingOptions  # for the jobs admitted from now on (a realtime session may change it)
     listener: Listener
     transcriber: StreamTranscriber | None = None  # created and used in the inference thread only
+    transcribing_with: DecodingOptions | None = None  # the options the transcriber was made with
     closed: bool = False  # removed, or its engine failed: no more work
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     work: _Work | None = None  # its computation in flight, as the event loop sees it
@@ -95,9 +116,19 @@ class _Work:
     job: Job
 
 
+@dataclass(eq=False)
+class _Compute:
+    """A computation of its own, not a stream's job (a piece of an uploaded file, or its words):
+    its result goes to ``future``; ``aligner``: the aligner's batch runs it."""
+
+    computation: Steps[Any]
+    future: asyncio.Future[Any]
+    aligner: bool
+
+
 @dataclass(frozen=True)
 class _Cancel:
-    work: _Work
+    work: _Work | _Compute
 
 
 @dataclass(frozen=True)
@@ -106,7 +137,7 @@ class _Release:
     segments: range
 
 
-_Message = _Work | _Cancel | _Release | None  # a _Work is admitted; None stops the thread
+_Message = _Work | _Compute | _Cancel | _Release | None  # a _Work or _Compute is admitted; None stops the thread
 
 
 class Scheduler:
@@ -128,6 +159,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        self._computing: set[_Compute] = set()  # computations of their own in flight
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.last_progress = time.monotonic()  # when a round last completed
@@ -168,6 +200,23 @@ class Scheduler:
     def streams(self) -> int:
         return len(self._streams)
 
+    async def compute(self, computation: Steps[T], aligner: bool = False) -> T:
+        """Run a computation of its own in the inference thread's batch (``aligner``: the aligner's);
+        its result, or the exception it raised. Cancelling the wait cancels the computation."""
+        if aligner and self.aligner is None:
+            raise RuntimeError("this scheduler has no aligner")
+        work = _Compute(computation, asyncio.get_running_loop().create_future(), aligner)
+        self._computing.add(work)
+        self._inbox.put(work)
+        try:
+            result: T = await work.future
+            return result
+        finally:
+            self._computing.discard(work)
+            if not work.future.done():  # the waiter was cancelled: so is the computation
+                self._inbox.put(_Cancel(work))
+            self.wake()  # a slot is free
+
     # -- the event loop's side ---------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -190,7 +239,7 @@ class Scheduler:
     def _admit(self) -> None:
         count = len(self._streams)
         order = [self._streams[(self._next + i) % count] for i in range(count)]
-        free = self.max_batch - sum(stream.work is not None for stream in order)
+        free = self.max_batch - len(self._computing) - sum(stream.work is not None for stream in order)
         for partials in (False, True):  # the finals of every stream before any partial
             for stream in order:
                 if free <= 0:
@@ -229,6 +278,9 @@ class Scheduler:
         self.last_progress = time.monotonic()
         self.metrics.busy(seconds, computations)
         for item in finished:
+            if isinstance(item.key, _Compute):
+                _settle(item.key.future, item.result)
+                continue
             work = cast(_Work, item.key)
             stream = work.stream
             if stream.work is not work:  # cancelled: the stream went, or the partial went stale
@@ -289,11 +341,15 @@ class Scheduler:
     @staticmethod
     def _audio_to_align(key: object) -> np.ndarray | None:
         """The audio of a finished transcription whose words its stream wants (a final's, or a speculation's)."""
-        job = cast(_Work, key).job
-        wanted = cast(_Work, key).stream.timestamps and (job.final or job.speculative)
+        if not isinstance(key, _Work):
+            return None
+        job = key.job
+        wanted = key.stream.timestamps and (job.final or job.speculative)
         return job.audio if wanted else None
 
-    def _handle(self, batch: ContinuousBatch, stage: AlignStage | None, message: _Work | _Cancel | _Release) -> bool:
+    def _handle(
+        self, batch: ContinuousBatch, stage: AlignStage | None, message: _Work | _Compute | _Cancel | _Release
+    ) -> bool:
         """Apply one message; whether it admitted a computation."""
         if isinstance(message, _Cancel):
             batch.cancel(message.work)
@@ -304,6 +360,12 @@ class Scheduler:
             if transcriber is not None:
                 for segment in message.segments:
                     transcriber.release(segment)
+        elif isinstance(message, _Compute):
+            if message.aligner and stage is not None:
+                stage.add(message, message.computation)
+            else:
+                batch.add(message, message.computation)
+            return True
         else:
             batch.add(message, self._computation(message))
             return True
@@ -311,7 +373,18 @@ class Scheduler:
 
     def _computation(self, work: _Work) -> Steps[Hypothesis]:
         stream, job = work.stream, work.job
-        if stream.transcriber is None:
-            stream.transcriber = self._make(self.model, stream.decoding)
+        decoding = stream.decoding
+        if stream.transcriber is None or stream.transcribing_with != decoding:
+            # (a new prompt: the open utterance's state is dropped, and the job decodes from scratch)
+            stream.transcriber, stream.transcribing_with = self._make(self.model, decoding), decoding
         hypothesis: Hypothesis = yield from stream.transcriber.transcribe_steps(job.segment, job.audio, job.final)
         return hypothesis
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():  # the waiter went away (its cancellation is on the way to the thread)
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -13,13 +13,13 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.streaming import AudioDecoder, ProtocolError, Start, parse_message
 
 if TYPE_CHECKING:
     from ._options import ServerOptions
+    from ._websocket import ServerWebSocket
 
 Incoming = str | np.ndarray  # a text control message, or audio at 16 kHz
 
@@ -32,7 +32,7 @@ class Transport(ABC):
     # reading the WebSocket, whose layer may close the connection at a read (1007, invalid UTF-8).
     sends_ready_before_reading = True
 
-    def __init__(self, ws: ServerConnection, options: ServerOptions) -> None:
+    def __init__(self, ws: ServerWebSocket, options: ServerOptions) -> None:
         self.ws = ws
         self.options = options
         self._discarding: asyncio.Task[None] | None = None
@@ -65,7 +65,7 @@ class Transport(ABC):
     def stop_receiving(self) -> None:
         """Read and drop whatever the client still sends: unread frames would stall the closing handshake.
 
-        Idempotent: a second reader of the WebSocket would fail (websockets allows one)."""
+        Idempotent: the WebSocket has one reader at a time (a second would take the first one's messages)."""
         if self._discarding is not None:
             return
 
@@ -90,7 +90,7 @@ class Transport(ABC):
 class WebSocketTransport(Transport):
     """Protocol v1: JSON text messages and binary PCM frames on one WebSocket (docs/protocol.md)."""
 
-    def __init__(self, ws: ServerConnection, options: ServerOptions) -> None:
+    def __init__(self, ws: ServerWebSocket, options: ServerOptions) -> None:
         super().__init__(ws, options)
         self._decoder: AudioDecoder | None = None
 

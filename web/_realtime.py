@@ -1,0 +1,174 @@
+"""``/v1/realtime``: OpenAI's Realtime transcription sessions (``streaming/_realtime.py``) on the server's scheduler.
+
+One WebSocket = one ``RealtimeSession``, driven like a ``/v1/stream`` session: its jobs (finals and
+speculative finals) go through the same scheduler, so its transcripts are the finals the asrlive
+protocol gives for the same audio. The token (``Authorization: Bearer``, as the SDK sends the API
+key) and the session slots are checked at the handshake: a refusal is an HTTP answer with OpenAI's
+error body (401, 429, 503), which the SDK reports. There is no idle timeout: a push-to-talk client
+is silent between turns, and the WebSocket's pings tell a live client from a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
+from websockets.exceptions import ConnectionClosed
+
+from asrlive.engine import DecodingOptions, normalize_language
+from asrlive.streaming import CloseCode, Job
+from asrlive.streaming._protocol import check_context_tokens
+from asrlive.streaming._realtime import RealtimeOptions, RealtimeSession
+
+from ._scheduler import Stream
+from ._websocket import ServerWebSocket
+
+if TYPE_CHECKING:
+    from ._server import AsrServer
+
+log = logging.getLogger("asrlive.server")
+
+REALTIME_PATH = "/v1/realtime"
+# The SDK lets one append carry 15 MiB of base64; the rest of an event is small.
+MAX_MESSAGE_BYTES = 15 * 1024 * 1024 + 64 * 1024
+OUTBOX_EVENTS = 1024  # events waiting for a slow client before its session is ended
+
+
+def refusal(status: int, message: str, kind: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+
+
+async def serve_realtime(server: AsrServer, websocket: WebSocket) -> None:
+    """The route: refuse at the handshake, or run the session until the client goes."""
+    ws = ServerWebSocket(websocket)
+    if not server.authorized(ws):
+        await _deny(websocket, refusal(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+        return
+    refused = server.admit_request()
+    if refused is not None:
+        status = 429 if refused.code == "server_full" else 503
+        kind = "rate_limit_error" if status == 429 else "server_error"
+        await _deny(websocket, refusal(status, refused.message, kind, refused.code))
+        return
+    try:
+        await ws.accept()
+        connection = RealtimeConnection(server, ws, beta=websocket.headers.get("openai-beta") == "realtime=v1")
+        await connection.run()
+    except ConnectionClosed:
+        pass
+    finally:
+        server.release_request()
+
+
+async def _deny(websocket: WebSocket, response: JSONResponse) -> None:
+    with contextlib.suppress(OSError):  # the client is gone already
+        await websocket.send_denial_response(response)
+
+
+class RealtimeConnection:
+    """The session's I/O: client events in, server events out, jobs through the scheduler."""
+
+    def __init__(self, server: AsrServer, ws: ServerWebSocket, beta: bool) -> None:
+        self.server = server
+        self.ws = ws
+        tokens = server.control_tokens
+        options = RealtimeOptions(
+            session=replace(server.options.session, speculative_finals=True),
+            model=server.model_name,
+            language=normalize_language,
+            check_prompt=lambda prompt: check_context_tokens(prompt, tokens),
+        )
+        self.session = RealtimeSession(options, beta=beta)
+        self.stream = Stream(self.session, self._decoding(), self)
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue(OUTBOX_EVENTS)
+        self._interrupted = asyncio.Event()
+
+    def _decoding(self) -> DecodingOptions:
+        return replace(self.server.options.decoding, language=self.session.language, context=self.session.context)
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        self.server.realtime.add(self)
+        self.server.scheduler.add(self.stream)
+        try:
+            self._send(self.session.opened())
+            await self._receive_loop()
+        finally:
+            self.server.realtime.discard(self)
+            self.server.scheduler.remove(self.stream)
+            await self._outbox.put(None)
+            await asyncio.wait({sender}, timeout=self.server.options.close_timeout_s)
+            sender.cancel()
+
+    async def _receive_loop(self) -> None:
+        receiving = asyncio.ensure_future(self.ws.recv())
+        interrupted = asyncio.ensure_future(self._interrupted.wait())
+        try:
+            while True:
+                await asyncio.wait({receiving, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+                if interrupted.done():
+                    await self._wind_down()
+                    return
+                try:
+                    message = receiving.result()
+                except ConnectionClosed:
+                    self.session.close()
+                    return
+                receiving = asyncio.ensure_future(self.ws.recv())
+                self._handle(message)
+        finally:
+            receiving.cancel()
+            interrupted.cancel()
+
+    def _handle(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            message = json.dumps({"type": "binary"})  # the protocol has text events only: an unknown type
+        self._send(self.session.receive(message))
+        decoding = self._decoding()
+        if decoding != self.stream.decoding:
+            self.stream.decoding = decoding  # the jobs handed out from now on
+        self.server.scheduler.wake()
+
+    async def _wind_down(self) -> None:
+        """Shutdown: the open utterance is committed and every item due is transcribed, then 1001."""
+        self._send(self.session.finish())
+        self.server.scheduler.wake()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stream.drained.wait(), self.server.options.drain_timeout_s)
+        await self._outbox.put(None)
+        await self.ws.close(CloseCode.GOING_AWAY, "shutdown")
+
+    def interrupt(self, reason: str) -> None:
+        self._interrupted.set()
+
+    # -- the scheduler's listener ------------------------------------------------------------------
+
+    def on_result(self, job: Job, events: list[Any]) -> None:
+        self._send(events)
+
+    def on_failure(self, error: BaseException) -> None:
+        self._send(self.session.abort(f"transcription failed: {type(error).__name__}"))
+
+    # -- sending -------------------------------------------------------------------------------------
+
+    def _send(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            try:
+                self._outbox.put_nowait(json.dumps(event, ensure_ascii=False))
+            except asyncio.QueueFull:  # the client reads nothing: end the session rather than hold its events
+                log.warning("realtime session: the client reads no events; closing")
+                self._interrupted.set()
+                return
+
+    async def _send_loop(self) -> None:
+        while (text := await self._outbox.get()) is not None:
+            try:
+                await self.ws.send(text)
+            except ConnectionClosed:
+                return
