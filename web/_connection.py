@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import enum
 import hmac
 import json
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -48,30 +49,63 @@ from ._scheduler import Stream
 from ._transport import Incoming, Transport
 
 if TYPE_CHECKING:
-    from ._server import AsrServer
+    from ._metrics import Metrics
+    from ._options import ServerOptions
+    from ._scheduler import Scheduler
     from ._websocket import ServerWebSocket
 
 log = logging.getLogger("asrlive.server")
 
 _ARRIVALS_KEPT = 2_000  # arrival times remembered (about 200 s of 100 ms frames)
 LAG_EVENT_INTERVAL_S = 1.0
+
+
+class Ending(enum.Enum):
+    """How a session ended when no error code says it (``done``'s reason, the close's)."""
+
+    FINISH = "finish"  # the client's finish was honoured
+    SHUTDOWN = "shutdown"  # the server is stopping
+    INTERNAL_ERROR = "internal_error"  # the server failed
+
+    @property
+    def close_code(self) -> CloseCode:
+        return _CLOSE_CODES[self]
+
+
 _CLOSE_CODES = {
-    "finish": CloseCode.NORMAL,
-    "shutdown": CloseCode.GOING_AWAY,
-    "internal_error": CloseCode.INTERNAL_ERROR,
+    Ending.FINISH: CloseCode.NORMAL,
+    Ending.SHUTDOWN: CloseCode.GOING_AWAY,
+    Ending.INTERNAL_ERROR: CloseCode.INTERNAL_ERROR,
 }
 
 
 class Interrupted(Exception):
     """The server ended the session from outside: shutdown, or a failure (inference, sending)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.value)
+        self.ending = ending
+
+
+class ConnectionHost(Protocol):
+    """What a connection uses of the server: its options, admission, the scheduler, the metrics,
+    and what a session is told or checked against (the model's name, control tokens, an aligner)."""
+
+    options: ServerOptions
+    scheduler: Scheduler
+    metrics: Metrics
+    model_name: str
+    control_tokens: tuple[str, ...]
+    protocol_version: int
+
+    @property
+    def has_aligner(self) -> bool: ...
+
+    def admit(self, connection: Connection) -> ProtocolError | None: ...
 
 
 class Connection:
-    def __init__(self, server: AsrServer, transport: Transport, number: int) -> None:
+    def __init__(self, server: ConnectionHost, transport: Transport, number: int) -> None:
         self.server = server
         self.options = server.options
         self.transport = transport
@@ -85,7 +119,7 @@ class Connection:
         self._arrival_positions: list[int] = []
         self._arrival_times: list[float] = []
         self._receiving: asyncio.Future[Incoming] | None = None
-        self._interrupted: str | None = None
+        self._interrupted: Ending | None = None
         self._failed = False  # an internal_error event is out: the finals not yet sent are lost
         self._send_failed = False
         self._error_sent = False  # from then on only finals, the last speech_stopped and done go out
@@ -103,14 +137,14 @@ class Connection:
             await self._outbox.put(None)
             await asyncio.wait({sender}, timeout=self.options.close_timeout_s)
             if self._send_failed:  # events were lost after the ending was decided
-                code, reason = CloseCode.INTERNAL_ERROR, "internal_error"
+                code, reason = CloseCode.INTERNAL_ERROR, Ending.INTERNAL_ERROR.value
             await self.transport.close(code, reason)
         except ConnectionClosed:
             log.info("%s: client went away", self.id)
         except Exception:  # even closing failed: at least say so with the close code
             log.exception("%s: closing failed", self.id)
             with contextlib.suppress(Exception):
-                await self.ws.close(CloseCode.INTERNAL_ERROR, "internal_error")
+                await self.ws.close(CloseCode.INTERNAL_ERROR, Ending.INTERNAL_ERROR.value)
         finally:
             sender.cancel()
             await self.transport.release()
@@ -127,10 +161,10 @@ class Connection:
             if self._stream is not None:
                 self.server.scheduler.remove(self._stream)
 
-    def interrupt(self, reason: str) -> None:
-        """Stop receiving and wind the session down (``shutdown``, or ``internal_error``)."""
+    def interrupt(self, ending: Ending) -> None:
+        """Stop receiving and wind the session down (``SHUTDOWN``, or ``INTERNAL_ERROR``)."""
         if self._interrupted is None:
-            self._interrupted = reason
+            self._interrupted = ending
             if self._receiving is not None:
                 self._receiving.cancel()
 
@@ -147,11 +181,11 @@ class Connection:
             self._open(start, language, await self.transport.open(start))
             if self.transport.sends_ready_before_reading:
                 await self._flushed()
-            ending: str | ProtocolError = await self._receive_audio()
+            ending: Ending | ProtocolError = await self._receive_audio()
         except ProtocolError as error:
             ending = error
         except Interrupted as interruption:
-            ending = interruption.reason
+            ending = interruption.ending
         self.transport.stop_receiving()
         if self._stream is not None and not self._failed:
             # The resampler's tail, before any error event: it may still open an utterance, and
@@ -162,18 +196,16 @@ class Connection:
             self._send(ending.to_json())
         return await self._finish(ending)
 
-    async def _finish(self, ending: str | ProtocolError) -> tuple[int, str]:
-        if self._stream is None:  # nothing was started
-            if isinstance(ending, ProtocolError):
-                return ending.close_code, ending.code
-            return _CLOSE_CODES[ending], ending
-        if not self._failed:
-            await self._drain()
-        if self._failed:  # the engine failed this stream (perhaps while draining): that is the ending
-            ending = "internal_error"
-        reason = ending.code if isinstance(ending, ProtocolError) else ending
-        self._send_done(reason)
-        return (ending.close_code if isinstance(ending, ProtocolError) else _CLOSE_CODES[reason]), reason
+    async def _finish(self, ending: Ending | ProtocolError) -> tuple[int, str]:
+        if self._stream is not None:
+            if not self._failed:
+                await self._drain()
+            if self._failed:  # the engine failed this stream (perhaps while draining): that is the ending
+                ending = Ending.INTERNAL_ERROR
+        reason = ending.code if isinstance(ending, ProtocolError) else ending.value
+        if self._stream is not None:
+            self._send_done(reason)
+        return ending.close_code, reason
 
     def _crashed(self, error: Exception) -> tuple[int, str]:
         """The ending of a session whose handler failed unexpectedly: ``internal_error``, then
@@ -181,8 +213,8 @@ class Connection:
         self.transport.stop_receiving()
         self._fail(error, "the server failed")
         if self._stream is not None:
-            self._send_done("internal_error")
-        return CloseCode.INTERNAL_ERROR, "internal_error"
+            self._send_done(Ending.INTERNAL_ERROR.value)
+        return CloseCode.INTERNAL_ERROR, Ending.INTERNAL_ERROR.value
 
     def _send_done(self, reason: str) -> None:
         assert self._stream is not None
@@ -256,12 +288,12 @@ class Connection:
             raise ProtocolError("not_started", 'send a "start" message before any audio')
         return self.transport.parse_start(message)
 
-    async def _receive_audio(self) -> str:
+    async def _receive_audio(self) -> Ending:
         while True:
             message = await self._receive()
             if isinstance(message, str):
                 parse_message(message, started=True)  # anything but a valid finish raises
-                return "finish"
+                return Ending.FINISH
             pcm = message
             allowed = round(self.options.max_session_s * SAMPLE_RATE) - self._received
             self._feed(pcm[: max(allowed, 0)])
@@ -280,7 +312,7 @@ class Connection:
         except ValueError as exc:
             raise ProtocolError("bad_start", str(exc)) from None
         check_context_tokens(start.context, self.server.control_tokens)
-        if start.timestamps and self.server.aligner is None:
+        if start.timestamps and not self.server.has_aligner:
             raise ProtocolError(
                 "bad_start", "this server has no forced aligner for word timestamps (asrlive serve --aligner ...)"
             )
@@ -375,7 +407,7 @@ class Connection:
         self._send(ProtocolError("internal_error", f"{what}: {type(error).__name__}").to_json())
         if self._stream is not None:
             self._stream.drained.set()  # nothing more will come; do not wait for it
-        self.interrupt("internal_error")
+        self.interrupt(Ending.INTERNAL_ERROR)
 
     # -- sending ---------------------------------------------------------------------------------
 

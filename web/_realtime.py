@@ -15,14 +15,14 @@ import contextlib
 import json
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.engine import DecodingOptions, normalize_language
-from asrlive.streaming import CloseCode, Job
+from asrlive.streaming import CloseCode, Job, ProtocolError
 from asrlive.streaming._protocol import check_context_tokens
 from asrlive.streaming._realtime import RealtimeOptions, RealtimeSession
 
@@ -30,7 +30,8 @@ from ._scheduler import Stream
 from ._websocket import ServerWebSocket
 
 if TYPE_CHECKING:
-    from ._server import AsrServer
+    from ._options import ServerOptions
+    from ._scheduler import Scheduler
 
 log = logging.getLogger("asrlive.server")
 
@@ -40,11 +41,25 @@ MAX_MESSAGE_BYTES = 15 * 1024 * 1024 + 64 * 1024
 OUTBOX_EVENTS = 1024  # events waiting for a slow client before its session is ended
 
 
+class RealtimeHost(Protocol):
+    """What a realtime session uses of the server: admission, the scheduler, its options, the model's name."""
+
+    options: ServerOptions
+    scheduler: Scheduler
+    model_name: str
+    control_tokens: tuple[str, ...]
+    realtime: set[RealtimeConnection]  # the sessions open, for the shutdown to wind down
+
+    def authorized(self, ws: ServerWebSocket) -> bool: ...
+    def admit_request(self) -> ProtocolError | None: ...
+    def release_request(self) -> None: ...
+
+
 def refusal(status: int, message: str, kind: str, code: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
 
 
-async def serve_realtime(server: AsrServer, websocket: WebSocket) -> None:
+async def serve_realtime(server: RealtimeHost, websocket: WebSocket) -> None:
     """The route: refuse at the handshake, or run the session until the client goes."""
     ws = ServerWebSocket(websocket)
     if not server.authorized(ws):
@@ -74,7 +89,7 @@ async def _deny(websocket: WebSocket, response: JSONResponse) -> None:
 class RealtimeConnection:
     """The session's I/O: client events in, server events out, jobs through the scheduler."""
 
-    def __init__(self, server: AsrServer, ws: ServerWebSocket, beta: bool) -> None:
+    def __init__(self, server: RealtimeHost, ws: ServerWebSocket, beta: bool) -> None:
         self.server = server
         self.ws = ws
         tokens = server.control_tokens
@@ -144,7 +159,8 @@ class RealtimeConnection:
         await self._outbox.put(None)
         await self.ws.close(CloseCode.GOING_AWAY, "shutdown")
 
-    def interrupt(self, reason: str) -> None:
+    def interrupt(self) -> None:
+        """Shutdown: wind the session down (its due items are transcribed), then close with 1001."""
         self._interrupted.set()
 
     # -- the scheduler's listener ------------------------------------------------------------------

@@ -35,7 +35,7 @@ from asrlive.engine import LANGUAGES, AsrModel
 from asrlive.engine._aligner import Aligner
 from asrlive.streaming import PROTOCOL_VERSION, ProtocolError
 
-from ._connection import Connection, authorized
+from ._connection import Connection, Ending, authorized
 from ._metrics import WINDOW_S, Metrics
 from ._openai import models, transcriptions
 from ._options import RTC_PATH, STREAM_PATH, ServerOptions
@@ -178,9 +178,9 @@ class AsrServer:
         for listener in server.servers:
             listener.close()  # new connections are refused from now on
         for connection in list(self._connections):
-            connection.interrupt("shutdown")
+            connection.interrupt(Ending.SHUTDOWN)
         for session in list(self.realtime):
-            session.interrupt("shutdown")
+            session.interrupt()
         await self._idle.wait()
         await self.scheduler.stop()
         self._ticking.cancel()
@@ -296,6 +296,10 @@ class AsrServer:
         refused = self.admit_request()
         connection.admitted = refused is None
         return refused
+
+    @property
+    def has_aligner(self) -> bool:
+        return self.aligner is not None
 
     # -- OpenAI-compatible endpoints (web/_openai.py, web/_realtime.py) -------------------------------
 

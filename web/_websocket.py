@@ -28,7 +28,7 @@ error for each.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
@@ -142,7 +142,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         path = event.path.partition("?")[0]
         if path in self.max_message_bytes:  # read by the parser frame by frame: it applies from the first
-            self.conn.max_message_size = self.max_message_bytes[path]
+            limit = self.max_message_bytes[path]
+            if hasattr(self.conn, "max_message_size"):  # websockets 16 and later
+                self.conn.max_message_size = limit
+            else:  # websockets 14 and 15 (which openai[realtime] 3.x requires)
+                cast(Any, self.conn).max_size = limit
 
     def handle_cont(self, event: Frame) -> None:
         if self._failure is None and len(self.frames) >= MAX_FRAGMENTS:
