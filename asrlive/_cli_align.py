@@ -25,6 +25,7 @@ from asrlive._cli_common import (
     require_server_extra,
     warn,
 )
+from asrlive.clients._transcript import write_whole
 
 if TYPE_CHECKING:
     from asrlive._cli_common import Commands
@@ -128,6 +129,4 @@ def _write(rendered: str, output: Path | None) -> None:
         sys.stdout.write(rendered)
         sys.stdout.flush()
         return
-    partial = output.with_name(output.name + ".part")
-    partial.write_text(rendered, encoding="utf-8")
-    partial.replace(output)
+    write_whole(output, rendered)

@@ -35,6 +35,7 @@ from asrlive._cli_common import (
     warn,
 )
 from asrlive._words import words_json
+from asrlive.clients._transcript import write_whole
 from asrlive.engine import MAX_SEGMENT_SECONDS, DecodingOptions
 from asrlive.engine._options import DEFAULT_ALIGNER
 
@@ -434,9 +435,7 @@ class JsonFile(Sink):
 
     def _write(self) -> None:
         record = transcript_record(self._source, self._seconds, self._lines, segments=True)
-        partial = self._path.with_name(self._path.name + ".part")
-        partial.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-        partial.replace(self._path)
+        write_whole(self._path, json.dumps(record, ensure_ascii=False) + "\n")
 
 
 class Events(Sink):

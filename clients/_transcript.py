@@ -103,10 +103,7 @@ class Transcript:
     def write(self, path: str | Path) -> None:
         """Write by the file's suffix; the whole file at once, so a reader never sees half of it."""
         path = Path(path)
-        text = self.render(path.suffix.lower())
-        partial = path.with_name(path.name + ".part")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(path)
+        write_whole(path, self.render(path.suffix.lower()))
 
     def txt(self) -> str:
         return self.render(".txt")
@@ -119,6 +116,14 @@ class Transcript:
 
     def jsonl(self) -> str:
         return self.render(".jsonl")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Replace the file at ``path`` by ``text`` at once (a sibling ``.part`` renamed over it): a
+    reader, or an interruption, never finds half of it."""
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 class TranscriptWriter:

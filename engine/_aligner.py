@@ -40,7 +40,7 @@ from ._align_text import (
 from ._checkpoint import ModelLoadError, load_aligner_network
 from ._model import ASR_TOKEN_IDS, LoadedNetwork, ModelInfo, Tokenizer, load_feature_extractor, load_tokenizer
 from ._options import DEFAULT_ALIGNER
-from ._steps import Encode, Step, Steps
+from ._steps import Step, Steps
 
 if TYPE_CHECKING:
     from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForTokenClassification
@@ -76,10 +76,8 @@ class Aligner(LoadedNetwork):
         info: ModelInfo,
         segment_ms: float,
     ) -> None:
-        network.requires_grad_(False)
-        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
         self.network = network
-        super().__init__(network.model, network.score, tokenizer, feature_extractor, info)
+        super().__init__(network, network.score, tokenizer, feature_extractor, info)
         classes = network.config.num_labels
         if not classes:
             raise ModelLoadError(f"the aligner in {info.path} has no timestamp classes (num_labels)")
@@ -167,19 +165,15 @@ def alignment_steps(aligner: Aligner, audio: np.ndarray, text: str, language: st
 def _timed_units(aligner: Aligner, audio: np.ndarray, units: list[str]) -> Steps[list[Word]]:
     if not units:
         return []
-    # 1. The audio: the conv front end of every 1 s chunk, then each 8 s window's layers.
-    chunks = aligner.encode_front(aligner.features(audio))
-    per = aligner.frames_per_window // aligner.frames_per_chunk
-    windows = []
-    for first in range(0, len(chunks), per):
-        windows.append((yield Encode(torch.cat(chunks[first : first + per]))))
+    # 1. The audio: one Encode per 8 s window.
+    audio_embeds = yield from aligner.audio_steps(audio)
     # 2. The prompt: audio, then each unit followed by its two <timestamp> slots.
     timestamp = aligner.timing.timestamp_id
     suffix = [ASR_TOKEN_IDS["<|audio_end|>"]]
     for unit in units:
         suffix += [*aligner.tokenizer.encode(unit, add_special_tokens=False), timestamp, timestamp]
     prefix = [ASR_TOKEN_IDS["<|audio_start|>"]]
-    embeds = torch.cat([aligner.embed(prefix), *windows, aligner.embed(suffix)])  # (seq, hidden)
+    embeds = torch.cat([aligner.embed(prefix), audio_embeds, aligner.embed(suffix)])  # (seq, hidden)
     # 3. One forward; the head's argmax at every position (as the reference computes it), read at the slots.
     classes = yield Step(embeds, aligner.new_cache(), embeds.shape[0])
     offset = embeds.shape[0] - len(suffix)

@@ -28,7 +28,7 @@ from ._steps import Encode, Step, Steps, run
 from ._weights import PackedLinear, can_pack_weights, check_quantize, quantize_weights, weight_bytes
 
 if TYPE_CHECKING:
-    from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
+    from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
     from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASRModel
 
 T = TypeVar("T")
@@ -99,18 +99,22 @@ class ModelInfo:
 class LoadedNetwork:
     """The encoder and LLM of a Qwen3-ASR-family network, ready for inference. Not thread-safe: one thread drives it.
 
-    transformers' network holds the weights (``body`` is its ``Qwen3ASRModel``; ``head`` the output
-    layer); the engine runs them through its own drivers (``Encoder``, ``LeanLM``).
+    transformers' network holds the weights (its ``model`` is the ``Qwen3ASRModel``; ``head`` the
+    output layer); the engine runs them through its own drivers (``Encoder``, ``LeanLM``).
     """
 
     def __init__(
         self,
-        body: Qwen3ASRModel,
+        network: Qwen3ASRForConditionalGeneration | Qwen3ASRForTokenClassification,
         head: torch.nn.Linear,
         tokenizer: Tokenizer,
         feature_extractor: Qwen3ASRFeatureExtractor,
         info: ModelInfo,
     ) -> None:
+        # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
+        network.requires_grad_(False)
+        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
+        body: Qwen3ASRModel = network.model
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.info = info
@@ -208,6 +212,16 @@ class LoadedNetwork:
         """The convolution front end of each 1 s chunk of (n_mels, frames): [(tokens, d_model)]."""
         return self.encoder.front(features.to(self.device))
 
+    def audio_steps(self, audio: np.ndarray) -> Steps[torch.Tensor]:
+        """A whole clip's audio embeddings as a computation: one ``Encode`` per 8 s attention window
+        (the conv front end of every 1 s chunk computed here), their answers joined: (tokens, hidden)."""
+        chunks = self.encode_front(self.features(audio))
+        per = self.frames_per_window // self.frames_per_chunk
+        windows = []
+        for first in range(0, len(chunks), per):
+            windows.append((yield Encode(torch.cat(chunks[first : first + per]))))
+        return torch.cat(windows)
+
     def encode_batch(self, requests: Sequence[Encode]) -> list[torch.Tensor]:
         """Several attention windows (of any streams) through the encoder layers in one pass."""
         return [embeds.to(self.dtype) for embeds in self.encoder.windows([r.front for r in requests])]
@@ -257,11 +271,8 @@ class AsrModel(LoadedNetwork):
         feature_extractor: Qwen3ASRFeatureExtractor,
         info: ModelInfo,
     ) -> None:
-        # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
-        network.requires_grad_(False)
-        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
         self.network = network
-        super().__init__(network.model, network.lm_head, tokenizer, feature_extractor, info)
+        super().__init__(network, network.lm_head, tokenizer, feature_extractor, info)
 
     @classmethod
     def load(

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from asrlive._audio import SAMPLE_RATE
 from asrlive._words import Alignment
@@ -16,7 +15,7 @@ from ._aligner import Aligner
 from ._model import AsrModel
 from ._options import DecodingOptions
 from ._prompt import PromptIds, build_prompt, parse_answer
-from ._steps import Encode, Step, Steps, greedy_steps
+from ._steps import Step, Steps, greedy_steps
 
 # Token budget when none is given: the language tag plus far more text than anyone speaks
 # (fast speech is ~5 tokens/s), so only a looping model ever reaches it.
@@ -96,12 +95,7 @@ def piece_steps(model: AsrModel, prompt: PromptIds, piece: np.ndarray, options: 
     Run alone it computes what ``generate`` does: one encoder pass per 8 s attention window, the
     prefill of the whole prompt, then one token per step.
     """
-    chunks = model.encode_front(model.features(piece))
-    per = model.frames_per_window // model.frames_per_chunk
-    windows = []
-    for first in range(0, len(chunks), per):
-        windows.append((yield Encode(torch.cat(chunks[first : first + per]))))
-    embeds = model.prompt_embeddings(prompt, torch.cat(windows))
+    embeds = model.prompt_embeddings(prompt, (yield from model.audio_steps(piece)))
     cache = model.new_cache()
     next_id = int((yield Step(embeds, cache, 1))[0])
     budget = token_budget(piece.size / SAMPLE_RATE, options)

@@ -470,11 +470,14 @@ def authorized(ws: ServerWebSocket, token: str | None) -> bool:
     """The bearer token, from the Authorization header or the ``token`` query parameter."""
     if token is None:
         return True
-    header = ws.headers.get("Authorization", "")
-    offered = header[7:] if header.lower().startswith("bearer ") else ""
-    if not offered:
-        offered = parse_qs(ws.query).get("token", [""])[0]
+    offered = bearer(ws.headers.get("Authorization")) or parse_qs(ws.query).get("token", [""])[0]
     return hmac.compare_digest(offered.encode(), token.encode())
+
+
+def bearer(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case); "" if none."""
+    header = authorization or ""
+    return header[7:] if header.lower().startswith("bearer ") else ""
 
 
 def _peer(address: Any) -> str:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import tempfile
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import UploadFile
@@ -56,6 +57,7 @@ class RestHost(Protocol):
     aligner: Aligner | None
     scheduler: Scheduler
     model_name: str
+    control_tokens: tuple[str, ...]  # the tokenizer's, read once by the server
     started_at: int  # unix time: the model's ``created``
 
     def authorized_bearer(self, authorization: str | None) -> bool: ...
@@ -151,7 +153,7 @@ def _parse_form(host: RestHost, form: Any) -> tuple[TranscriptionRequest, Upload
     prompt = _text_field(form, "prompt") or ""
     try:
         check_text(prompt, "prompt", MAX_CONTEXT_CHARS, "bad_start", multiline=True)
-        check_context_tokens(prompt, host.model.tokenizer.get_added_vocab())
+        check_context_tokens(prompt, host.control_tokens)
     except ProtocolError as exc:
         raise invalid(exc.message, "prompt") from None
     response_format = _text_field(form, "response_format") or "json"
@@ -204,17 +206,19 @@ async def _decode(upload: UploadFile, limit: int) -> np.ndarray:
     if upload.size is not None and upload.size > limit:
         raise _too_large(f"the file is larger than {limit} bytes")
     name = Path(upload.filename or "audio").name
-    data = await upload.read()
     try:
-        decoded = await asyncio.to_thread(_decode_bytes, data, Path(name).suffix)
+        decoded = await asyncio.to_thread(_decode_file, upload.file, Path(name).suffix)
     except AudioError as exc:
         raise invalid(f"could not decode {name!r}: {_without_path(str(exc))}", "file", "invalid_audio") from None
     return decoded
 
 
-def _decode_bytes(data: bytes, suffix: str) -> np.ndarray:
+def _decode_file(upload: BinaryIO, suffix: str) -> np.ndarray:
+    """The decoders want a path: the upload (spooled by the form parser) is copied to a named file,
+    block by block, never whole in memory."""
+    upload.seek(0)
     with tempfile.NamedTemporaryFile(suffix=suffix[:16]) as file:
-        file.write(data)
+        shutil.copyfileobj(upload, file)
         file.flush()
         return read_audio(file.name).samples
 

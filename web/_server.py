@@ -35,7 +35,7 @@ from asrlive.engine import LANGUAGES, AsrModel
 from asrlive.engine._aligner import Aligner
 from asrlive.streaming import PROTOCOL_VERSION, ProtocolError
 
-from ._connection import Connection, Ending, authorized
+from ._connection import Connection, Ending, authorized, bearer
 from ._metrics import WINDOW_S, Metrics
 from ._openai import models, transcriptions
 from ._options import RTC_PATH, STREAM_PATH, ServerOptions
@@ -309,11 +309,7 @@ class AsrServer:
     def authorized_bearer(self, authorization: str | None) -> bool:
         """``Authorization: Bearer <token>`` (the API key an OpenAI client sends); any key without a token."""
         token = self.options.token
-        if token is None:
-            return True
-        header = authorization or ""
-        offered = header[7:] if header.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(offered.encode(), token.encode())
+        return token is None or hmac.compare_digest(bearer(authorization).encode(), token.encode())
 
     def admit_request(self) -> ProtocolError | None:
         """A session slot for a request (an upload, a realtime session); None if taken, else why not."""
