@@ -39,7 +39,8 @@ def _add_serve(commands: Commands) -> None:
         description=f"Serve live transcription over WebSocket at ws://HOST:PORT{STREAM_PATH} and WebRTC "
         "(signalled at /v1/rtc; protocol: docs/protocol.md), the live captions page at http://HOST:PORT/, "
         "OpenAI-compatible endpoints under /v1 (models, audio/transcriptions, realtime: docs/openai.md), "
-        "GET /healthz and GET /metrics. SIGTERM or Ctrl-C finishes every open utterance, then exits.",
+        "GET /healthz (liveness), GET /readyz (room for a session?) and GET /metrics. SIGTERM or Ctrl-C "
+        "finishes every open utterance, then exits (docs/deploy.md: replicas, containers, Kubernetes).",
     )
     add_model_options(cmd)
     add_aligner_option(cmd, default_help='none: sessions that ask for "timestamps" are refused')

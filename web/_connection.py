@@ -45,6 +45,7 @@ from asrlive.streaming import (
 )
 from asrlive.streaming._protocol import check_context_tokens
 
+from ._outbox import Outbox
 from ._scheduler import Stream
 from ._transport import Incoming, Transport
 
@@ -112,7 +113,8 @@ class Connection:
         self.ws = transport.ws  # admission reads the token from its request
         self.id = f"s{number}"
         self.admitted = False  # counted against max_sessions
-        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._outbox = Outbox(self.options.max_outbox_bytes)
+        self._given_up = False  # the client did not read its messages: the connection was aborted
         self._stream: Stream | None = None
         self._session: Session | None = None  # the stream's session, as this protocol drives it
         self._received = 0  # 16 kHz samples fed to the session
@@ -134,7 +136,7 @@ class Connection:
         sender = asyncio.create_task(self._send_loop())
         try:
             code, reason = await self._converse_safely()
-            await self._outbox.put(None)
+            self._outbox.end()
             await asyncio.wait({sender}, timeout=self.options.close_timeout_s)
             if self._send_failed:  # events were lost after the ending was decided
                 code, reason = CloseCode.INTERNAL_ERROR, Ending.INTERNAL_ERROR.value
@@ -427,7 +429,18 @@ class Connection:
         self._error_sent |= kind == "error"
         self._done_sent |= kind == "done"
         self._finals += kind == "final"
-        self._outbox.put_nowait(json.dumps(message, ensure_ascii=False))
+        if not self._outbox.put(kind, json.dumps(message, ensure_ascii=False)) and not self._given_up:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """The client reads slower than its session speaks, even with superseded partials dropped:
+        no message (not even an error) can reach it, so the connection is aborted and the session
+        discarded, as if the client had gone; every other session keeps its memory."""
+        self._given_up = True
+        self.server.metrics.slow_clients.inc()
+        message = "%s: the client does not read its messages (%d bytes waiting); connection aborted"
+        log.warning(message, self.id, self._outbox.bytes)
+        self.ws.abort()
 
     async def _flushed(self) -> None:
         """Wait (at most ``close_timeout_s``) until everything queued so far has been sent.

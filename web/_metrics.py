@@ -34,6 +34,9 @@ class Metrics:
         self.sessions_total = Counter("asrlive_sessions", "Sessions started", registry=registry)
         self.refused = Counter("asrlive_sessions_refused", "Sessions refused", ["code"], registry=registry)
         self.errors = Counter("asrlive_errors", "Errors reported to clients", ["code"], registry=registry)
+        self.slow_clients = Counter(
+            "asrlive_slow_clients", "Sessions aborted because the client did not read its messages", registry=registry
+        )
         self.audio_seconds = Counter("asrlive_audio_seconds", "Audio received, in seconds", registry=registry)
         self.inference_seconds = Counter(
             "asrlive_inference_seconds", "Wall-clock time the inference thread was busy", registry=registry

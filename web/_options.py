@@ -33,11 +33,14 @@ class ServerOptions:
     max_upload_bytes: int = 25 * 1024 * 1024  # a file for POST /v1/audio/transcriptions (OpenAI's limit)
     drain_timeout_s: float = 60.0  # at a session's end, how long the engine may stall before finals are given up
     close_timeout_s: float = 10.0
+    # Messages waiting for a client that reads too slowly; past it superseded partials are dropped,
+    # and a client whose finals alone exceed it is given up (its connection aborted).
+    max_outbox_bytes: int = 1024 * 1024
     session: SessionOptions = field(default_factory=SessionOptions)
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_batch", "max_frame_bytes", "max_upload_bytes"):
+        for name in ("max_sessions", "max_batch", "max_frame_bytes", "max_upload_bytes", "max_outbox_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("idle_timeout_s", "max_session_s", "drain_timeout_s", "close_timeout_s"):

@@ -26,10 +26,12 @@ from asrlive.streaming import CloseCode, Job, ProtocolError
 from asrlive.streaming._protocol import check_context_tokens
 from asrlive.streaming._realtime import RealtimeOptions, RealtimeSession
 
+from ._outbox import Outbox
 from ._scheduler import Stream
 from ._websocket import ServerWebSocket
 
 if TYPE_CHECKING:
+    from ._metrics import Metrics
     from ._options import ServerOptions
     from ._scheduler import Scheduler
 
@@ -38,7 +40,6 @@ log = logging.getLogger("asrlive.server")
 REALTIME_PATH = "/v1/realtime"
 # The SDK lets one append carry 15 MiB of base64; the rest of an event is small.
 MAX_MESSAGE_BYTES = 15 * 1024 * 1024 + 64 * 1024
-OUTBOX_EVENTS = 1024  # events waiting for a slow client before its session is ended
 
 
 class RealtimeHost(Protocol):
@@ -46,6 +47,7 @@ class RealtimeHost(Protocol):
 
     options: ServerOptions
     scheduler: Scheduler
+    metrics: Metrics
     model_name: str
     control_tokens: tuple[str, ...]
     realtime: set[RealtimeConnection]  # the sessions open, for the shutdown to wind down
@@ -101,8 +103,9 @@ class RealtimeConnection:
         )
         self.session = RealtimeSession(options, beta=beta)
         self.stream = Stream(self.session, self._decoding(), self)
-        self._outbox: asyncio.Queue[str | None] = asyncio.Queue(OUTBOX_EVENTS)
+        self._outbox = Outbox(server.options.max_outbox_bytes)  # nothing is superseded here: all or nothing
         self._interrupted = asyncio.Event()
+        self._given_up = False  # the client read nothing: its connection was aborted
 
     def _decoding(self) -> DecodingOptions:
         return replace(self.server.options.decoding, language=self.session.language, context=self.session.context)
@@ -117,7 +120,7 @@ class RealtimeConnection:
         finally:
             self.server.realtime.discard(self)
             self.server.scheduler.remove(self.stream)
-            await self._outbox.put(None)
+            self._outbox.end()
             await asyncio.wait({sender}, timeout=self.server.options.close_timeout_s)
             sender.cancel()
 
@@ -156,7 +159,7 @@ class RealtimeConnection:
         self.server.scheduler.wake()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stream.drained.wait(), self.server.options.drain_timeout_s)
-        await self._outbox.put(None)
+        self._outbox.end()
         await self.ws.close(CloseCode.GOING_AWAY, "shutdown")
 
     def interrupt(self) -> None:
@@ -175,12 +178,16 @@ class RealtimeConnection:
 
     def _send(self, events: list[dict[str, Any]]) -> None:
         for event in events:
-            try:
-                self._outbox.put_nowait(json.dumps(event, ensure_ascii=False))
-            except asyncio.QueueFull:  # the client reads nothing: end the session rather than hold its events
-                log.warning("realtime session: the client reads no events; closing")
-                self._interrupted.set()
+            if self._given_up:
                 return
+            if not self._outbox.put(event["type"], json.dumps(event, ensure_ascii=False)):
+                # The client reads nothing: not even a close would get through, so the connection
+                # is dropped (the receive loop then ends the session) rather than hold its events.
+                message = "realtime session: the client reads no events (%d bytes waiting); connection aborted"
+                log.warning(message, self._outbox.bytes)
+                self.server.metrics.slow_clients.inc()
+                self._given_up = True
+                self.ws.abort()
 
     async def _send_loop(self) -> None:
         while (text := await self._outbox.get()) is not None:

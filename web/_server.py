@@ -167,21 +167,26 @@ class AsrServer:
         return f"{scheme}{secure}://{host}:{self.port}"
 
     async def shutdown(self) -> None:
-        """Stop accepting; every open session gets its finals, ``done`` and close code 1001 (and every
-        HTTP request in progress its answer); then the scheduler stops, then uvicorn."""
+        """Drain: every open session gets its finals, ``done`` and close code 1001 (and every HTTP
+        request in progress its answer); then the listeners close, the scheduler stops, then uvicorn.
+
+        While the sessions drain the server still answers: ``/readyz`` says 503 ``stopping`` (a load
+        balancer's check sees a replica that is leaving, not one that vanished), new sessions and
+        requests are refused with ``server_busy``, which clients retry elsewhere.
+        """
         if self._stopping:
             return
         self._stopping = True
         server = self._uvicorn
         assert server is not None and self._ticking is not None, "start() first"
-        log.info("shutting down: finishing %d open sessions", len(self._connections))
-        for listener in server.servers:
-            listener.close()  # new connections are refused from now on
+        log.info("shutting down: finishing %d open sessions", len(self._connections) + len(self.realtime))
         for connection in list(self._connections):
             connection.interrupt(Ending.SHUTDOWN)
         for session in list(self.realtime):
             session.interrupt()
         await self._idle.wait()
+        for listener in server.servers:
+            listener.close()  # new connections are refused from now on
         await self.scheduler.stop()
         self._ticking.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -218,6 +223,7 @@ class AsrServer:
         routes: list[BaseRoute] = [Route(path, self._page_file, methods=["GET"]) for path in self._page]
         routes += [
             Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
             Route(LANGUAGES_PATH, self._languages, methods=["GET"]),
         ]
@@ -313,17 +319,24 @@ class AsrServer:
 
     def admit_request(self) -> ProtocolError | None:
         """A session slot for a request (an upload, a realtime session); None if taken, else why not."""
+        unavailable = self.unavailable()
+        if unavailable is not None:
+            return unavailable[1]
+        self._admitted += 1
+        return None
+
+    def unavailable(self) -> tuple[str, ProtocolError] | None:
+        """Why a new session would be refused now (``stopping``, ``full`` or ``lagging``, and the
+        refusal); None while one would be admitted. ``/readyz`` says the same."""
         options = self.options
         if self._stopping:
-            return ProtocolError("server_busy", "the server is shutting down")
+            return "stopping", ProtocolError("server_busy", "the server is shutting down")
         if self._admitted >= options.max_sessions:
-            return ProtocolError("server_full", f"all {options.max_sessions} sessions are in use; try again later")
+            message = f"all {options.max_sessions} sessions are in use; try again later"
+            return "full", ProtocolError("server_full", message)
         if options.max_lag_s and self.worst_lag() > options.max_lag_s:
-            return ProtocolError(
-                "server_busy",
-                f"the open sessions' results are {self.worst_lag():.1f} s behind their audio; try again later",
-            )
-        self._admitted += 1
+            message = f"the open sessions' results are {self.worst_lag():.1f} s behind their audio; try again later"
+            return "lagging", ProtocolError("server_busy", message)
         return None
 
     def release_request(self) -> None:
@@ -360,7 +373,20 @@ class AsrServer:
             "sessions": self._admitted,
             "max_sessions": self.options.max_sessions,
         }
-        return _json(body, 503 if self._stopping else 200)
+        return _json(body)  # liveness: the process answers, draining or not
+
+    async def _readyz(self, request: Request) -> Response:
+        """Readiness as capacity: 200 while a new session would be admitted, else 503 and why."""
+        unavailable = self.unavailable()
+        body = {
+            "status": "ready" if unavailable is None else unavailable[0],
+            "sessions": self._admitted,
+            "max_sessions": self.options.max_sessions,
+            "lag_seconds": round(self.worst_lag(), 3),
+        }
+        if unavailable is not None:
+            body["message"] = unavailable[1].message
+        return _json(body, 200 if unavailable is None else 503)
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -27,6 +27,7 @@ error for each.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from uvicorn._types import ASGIReceiveEvent, ASGISendEvent, WebSocketDisconnectEvent
 
 MAX_FRAGMENTS = 4096  # as websockets' own server
+ABORT = "asrlive.abort"  # the scope's extension that drops the TCP connection at once
 _NO_CLOSE_FRAME = (CloseCode.NO_STATUS_RCVD, CloseCode.ABNORMAL_CLOSURE)  # the connection was lost
 _OK = (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
 
@@ -111,6 +113,14 @@ class ServerWebSocket:
         except WebSocketDisconnect:
             pass  # gone already: nothing to close
 
+    def abort(self) -> None:
+        """Drop the TCP connection at once, whatever is still unsent: for a client that reads
+        nothing, to which not even a close frame can get through. Reads and sends then raise
+        ``ConnectionClosed`` (no close frame: 1006)."""
+        abort = self._websocket.scope.get("extensions", {}).get(ABORT)
+        if abort is not None:
+            abort()
+
     def _end(self, code: int, reason: str, *, by_client: bool) -> None:
         if self._ended is None:
             self._ended = (Close(code, reason), by_client)
@@ -132,14 +142,24 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     close_timeout_s = 10.0
     max_message_bytes: dict[str, int] = {}  # a larger limit than ``ws_max_size`` for some paths
+    # Bytes the transport holds for a client before a send waits (asyncio's default: 64 KiB). Less,
+    # so that what a slow client has not read waits in its connection's outbox, which drops
+    # superseded partials, rather than in the transport, which cannot.
+    write_buffer_bytes = 16 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = self.close_timeout_s  # how long a close waits for the client's (uvicorn: 10 s)
         self._failure: WebSocketDisconnectEvent | None = None  # queued after the messages before it
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=self.write_buffer_bytes)
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
+        extensions = cast(dict[str, Any], self.scope["extensions"])
+        extensions[ABORT] = self.transport.abort  # for ServerWebSocket.abort; run_asgi starts later
         path = event.path.partition("?")[0]
         if path in self.max_message_bytes:  # read by the parser frame by frame: it applies from the first
             limit = self.max_message_bytes[path]
