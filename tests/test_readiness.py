@@ -68,7 +68,7 @@ async def test_not_ready_while_lagging(load_model, speech):
 async def test_draining_replica_answers_not_ready_then_goes(load_model, speech):
     """SIGTERM's drain: the replica keeps answering probes (503 ``stopping``; alive) and refuses
     new sessions with ``server_busy`` while its open session gets its finals; then its port closes."""
-    server_ctx = running_server(load_model("hf"), delayed_transcriber(0.2))
+    server_ctx = running_server(load_model("hf"), delayed_transcriber(0.5))  # a drain of a second or more
     server = await server_ctx.__aenter__()
     clip = speech["librivox-0870"][: 5 * SAMPLE_RATE]
     session = asyncio.create_task(stream_audio(server.url, clip, pace=0.002, finish=False))
