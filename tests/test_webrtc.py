@@ -11,6 +11,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from asrlive.engine import SAMPLE_RATE, DecodingOptions
+from asrlive.web import _rtc
 
 from .rtc import RtcPeer, open_sessions, rtc_url
 from .serving import GAP, TIMEOUT, eventually, offline_token_ids, raw_session, running_server, stream_audio
@@ -148,3 +149,27 @@ async def test_a_full_server_refuses_webrtc_before_any_peer_connection(load_mode
         assert await peer.closed() == 1000
     assert [(e["type"], e["code"]) for e in refused.events] == [("error", "server_full")]
     assert refused.close_code == 1013
+
+
+async def test_a_peer_that_reads_nothing_is_given_up(load_model, speech, monkeypatch):
+    """A peer whose data channel stops taking events (its SCTP delivers and acknowledges no more
+    data): the channel's buffer fills, then the connection's outbox, and the session is given up
+    like a WebSocket client that reads nothing, its peer connection closed."""
+    monkeypatch.setattr(_rtc, "CHANNEL_BUFFER_BYTES", 1024)  # small buffers: full in seconds
+    talk = np.concatenate([speech["cards-001"], GAP, speech["goforward"], GAP] * 3)
+    async with running_server(load_model("hf"), max_outbox_bytes=1024) as server:
+        peer, _ = await RtcPeer.offer(talk)
+        await peer.connect(rtc_url(server), partial_interval_ms=100)
+        await eventually(lambda: peer.of_type("ready"))  # over the open data channel
+
+        async def deaf(chunk) -> None:
+            return None
+
+        peer.pc.sctp._receive_data_chunk = deaf
+        await eventually(lambda: _metric(server, "asrlive_slow_clients_total") == 1)
+        await eventually(lambda: not server.peers and open_sessions(server) == 0)
+        await peer.vanish()
+
+
+def _metric(server, name: str) -> float:
+    return float(server.metrics.exposition().decode().split(f"\n{name} ")[1].split()[0])

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("asrlive.server")
 
 EVENTS_CHANNEL_ID = 0
+# Events the data channel may hold unsent (aiortc holds them while the peer has not acknowledged
+# what went before) before a send waits: then they wait in the connection's outbox, which drops
+# superseded partials and gives up a peer that reads nothing, as it does for a WebSocket.
+CHANNEL_BUFFER_BYTES = 64 * 1024
 MAX_SDP_CHARS = 100_000
 _DEAD_STATES = ("failed", "closed")
 
@@ -86,6 +90,7 @@ class RtcTransport(Transport):
         self._items: asyncio.Queue[Incoming | BaseException] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = asyncio.Event()  # the data channel opened
+        self._channel_low = asyncio.Event()  # the data channel holds less than CHANNEL_BUFFER_BYTES / 2
         self._dead = asyncio.Event()  # the peer connection failed or closed
         self._stopped = asyncio.Event()  # the session is ending: nothing more is read
         self._resampler: soxr.ResampleStream | None = None
@@ -105,6 +110,8 @@ class RtcTransport(Transport):
         answer = await self._answer(pc)
         self._channel = pc.createDataChannel("events", negotiated=True, id=EVENTS_CHANNEL_ID)
         self._channel.on("open", self._opened.set)
+        self._channel.bufferedAmountLowThreshold = CHANNEL_BUFFER_BYTES // 2
+        self._channel.on("bufferedamountlow", self._channel_low.set)
         self._channel.on("close", lambda: self._lost("the events channel closed"))
         await self.ws.send(json.dumps({"type": "answer", "sdp": answer}))
         self._started = True
@@ -202,6 +209,9 @@ class RtcTransport(Transport):
             await _first(self._opened, self._dead, self._stopped)
         if self._channel is not None and self._channel.readyState == "open":
             self._channel.send(text)
+            if self._channel.bufferedAmount > CHANNEL_BUFFER_BYTES:
+                self._channel_low.clear()
+                await _first(self._channel_low, self._dead)
         else:
             await self.ws.send(text)
 
