@@ -25,7 +25,7 @@ from asrlive.engine import SAMPLE_RATE
 from asrlive.web import RTC_PATH
 from asrlive.web._connection import Connection
 
-from .serving import TIMEOUT
+from .serving import TIMEOUT, server_metric
 
 RTC_RATE = 48_000
 FRAME = RTC_RATE // 50  # 20 ms, as browsers send
@@ -33,8 +33,7 @@ FRAME = RTC_RATE // 50  # 20 ms, as browsers send
 
 def open_sessions(server) -> float:
     """The server's asrlive_open_sessions gauge, as /metrics exposes it."""
-    exposition = server.metrics.exposition().decode()
-    return float(exposition.split("\nasrlive_open_sessions ")[1].split()[0])
+    return server_metric(server, "asrlive_open_sessions")
 
 
 def restrict_ice_to_loopback(monkeypatch) -> None:

@@ -41,6 +41,16 @@ async def running_server(model, make_transcriber=None, aligner=None, **options):
         await asyncio.wait_for(server.shutdown(), TIMEOUT)
 
 
+def metric(exposition: str, name: str) -> float:
+    """One unlabelled sample of a Prometheus exposition (as GET /metrics answers it)."""
+    return float(exposition.split(f"\n{name} ")[1].split()[0])
+
+
+def server_metric(server, name: str) -> float:
+    """One unlabelled sample of a running server's metrics, read in process."""
+    return metric(server.metrics.exposition().decode(), name)
+
+
 async def eventually(condition, timeout: float = TIMEOUT) -> None:
     """Wait until ``condition()`` holds, checking every 10 ms, for at most ``timeout`` seconds."""
 

@@ -17,7 +17,7 @@ from asrlive.clients._loadtest import metric
 from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions
 
 from .balancer import BACKEND, HAProxy, haproxy_missing
-from .serving import GAP, TIMEOUT, offline_token_ids
+from .serving import GAP, TIMEOUT, eventually, offline_token_ids
 from .test_cli_serve import ServerProcess, start_server
 from .test_live_client import _paced
 
@@ -55,21 +55,13 @@ class Client:
         return bool(started - ended)
 
 
-async def _until(condition, timeout: float = TIMEOUT) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 async def _open_sessions(replicas: list[ServerProcess]) -> list[int]:
     readings = [asyncio.to_thread(metric, r.url.result(), "asrlive_open_sessions") for r in replicas]
     return [int(value or 0) for value in await asyncio.wait_for(asyncio.gather(*readings), TIMEOUT)]
 
 
 async def _listening(client: Client, sessions: int = 1) -> None:
-    await _until(lambda: client.states().count("listening") >= sessions)
+    await eventually(lambda: client.states().count("listening") >= sessions)
 
 
 async def test_replicas_behind_haproxy(checkpoints, speech, tmp_path):
@@ -113,7 +105,7 @@ async def _scenario(balancer: HAProxy, replicas: list[ServerProcess], clients: l
     assert await _open_sessions(replicas) == [3, 1, 1]
     late = clients[5]
     late.start()
-    await _until(lambda: "retrying" in late.states())
+    await eventually(lambda: "retrying" in late.states())
     assert "server_full" in next(e["reason"] for e in late.events if e.get("state") == "retrying")
     await balancer.command(f"enable health {BACKEND}/{r0}")
     await balancer.until(lambda states: states[r0].startswith("DOWN"))
@@ -125,7 +117,7 @@ async def _scenario(balancer: HAProxy, replicas: list[ServerProcess], clients: l
     # 4. SIGTERM to r0 while one of its clients is inside an utterance: its three sessions drain
     #    (finals, done: shutdown), r0 answers /readyz 503 meanwhile, and the clients reconnect
     #    through the balancer to r1 and r2, which have exactly three free slots.
-    await _until(lambda: clients[4].talking())
+    await eventually(lambda: clients[4].talking())
     replicas[0].process.send_signal(signal.SIGTERM)
     await balancer.until(lambda states: states[r0].startswith("DOWN"))
     await asyncio.wait_for(replicas[0].process.wait(), TIMEOUT)

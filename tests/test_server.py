@@ -25,6 +25,7 @@ from .serving import (
     TIMEOUT,
     delayed_transcriber,
     eventually,
+    metric,
     offline_token_ids,
     raw_session,
     running_server,
@@ -47,10 +48,6 @@ def _http_get(url: str) -> tuple[int, str, str]:
             return response.status, response.headers["Content-Type"], response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.headers["Content-Type"], error.read().decode()
-
-
-def metric(exposition: str, name: str) -> float:
-    return float(exposition.split(f"\n{name} ")[1].split()[0])
 
 
 async def get(server, path: str) -> tuple[int, str, str]:

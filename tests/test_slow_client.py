@@ -17,7 +17,17 @@ from asrlive.engine import SAMPLE_RATE
 from asrlive.web._outbox import Outbox
 from asrlive.web._websocket import WebSocketProtocol
 
-from .serving import GAP, TIMEOUT, eventually, offline_token_ids, pcm16, running_server, start_message, stream_audio
+from .serving import (
+    GAP,
+    TIMEOUT,
+    eventually,
+    offline_token_ids,
+    pcm16,
+    running_server,
+    server_metric,
+    start_message,
+    stream_audio,
+)
 
 
 def _queued(outbox: Outbox) -> list[str]:
@@ -89,10 +99,6 @@ async def _non_reading_session(port: int, audio: np.ndarray) -> asyncio.StreamWr
     return writer
 
 
-def _metric(server, name: str) -> float:
-    return float(server.metrics.exposition().decode().split(f"\n{name} ")[1].split()[0])
-
-
 @pytest.mark.asyncio
 async def test_a_client_that_reads_nothing_is_given_up_and_others_keep_their_finals(load_model, speech, monkeypatch):
     # Small buffers everywhere (the transport's, the socket's, the outbox), so that the tiny model's
@@ -105,8 +111,8 @@ async def test_a_client_that_reads_nothing_is_given_up_and_others_keep_their_fin
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         writer = await _non_reading_session(server.port, talk)
         result = await stream_audio(server.url, talk[: 8 * 16_000], pace=0.01, partial_interval_ms=100)
-        await eventually(lambda: _metric(server, "asrlive_slow_clients_total") == 1)
-        await eventually(lambda: _metric(server, "asrlive_open_sessions") == 0)
+        await eventually(lambda: server_metric(server, "asrlive_slow_clients_total") == 1)
+        await eventually(lambda: server_metric(server, "asrlive_open_sessions") == 0)
         writer.transport.abort()
     assert result.close_code == 1000 and result.events[-1]["reason"] == "finish"
     finals = result.of_type("final")

@@ -14,7 +14,16 @@ from asrlive.engine import SAMPLE_RATE, DecodingOptions
 from asrlive.web import _rtc
 
 from .rtc import RtcPeer, open_sessions, rtc_url
-from .serving import GAP, TIMEOUT, eventually, offline_token_ids, raw_session, running_server, stream_audio
+from .serving import (
+    GAP,
+    TIMEOUT,
+    eventually,
+    offline_token_ids,
+    raw_session,
+    running_server,
+    server_metric,
+    stream_audio,
+)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("loopback_ice")]
 
@@ -166,10 +175,6 @@ async def test_a_peer_that_reads_nothing_is_given_up(load_model, speech, monkeyp
             return None
 
         peer.pc.sctp._receive_data_chunk = deaf
-        await eventually(lambda: _metric(server, "asrlive_slow_clients_total") == 1)
+        await eventually(lambda: server_metric(server, "asrlive_slow_clients_total") == 1)
         await eventually(lambda: not server.peers and open_sessions(server) == 0)
         await peer.vanish()
-
-
-def _metric(server, name: str) -> float:
-    return float(server.metrics.exposition().decode().split(f"\n{name} ")[1].split()[0])

@@ -14,7 +14,8 @@ import asyncio
 from collections import deque
 from typing import NamedTuple
 
-# Kinds that a newer message of the same family makes pointless: the family's name for each.
+# A queued message of each kind here is pointless once a newer message of one of the listed kinds
+# is queued after it (a partial: a newer partial or the final; a lag: a newer lag).
 _SUPERSEDED_BY = {"partial": ("partial", "final"), "lag": ("lag",)}
 
 
