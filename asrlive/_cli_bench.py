@@ -29,6 +29,7 @@ def add_command(commands: Commands) -> None:
     _add_align(which)
     _add_stream(which)
     _add_serve(which)
+    _add_soak(which)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +109,29 @@ def _add_serve(which: Commands) -> None:
     )
     _add_common(serve)
     serve.set_defaults(run=_run_bench_serve)
+
+
+def _add_soak(which: Commands) -> None:
+    soak = which.add_parser(
+        "soak",
+        help="the server's memory over a long soak with disconnect storms",
+        description="A server of a random-weight network of the true shapes in a child process; for --minutes, "
+        "--sessions clients stream real speech session after session and every --storm-every seconds "
+        "--disconnect-storm more sessions drop their TCP connection mid-utterance; prints the server's resident "
+        "memory as it goes, then first, last, max and the growth over the second half; the server is then "
+        "stopped with SIGTERM and must exit cleanly.",
+    )
+    soak.add_argument("--size", choices=SIZES, default="0.6B", help="model shape (default: %(default)s)")
+    soak.add_argument("--minutes", type=float, default=20.0, help="(default: %(default)s)")
+    soak.add_argument("--sessions", type=int, default=2, help="normal sessions at a time (default: %(default)s)")
+    soak.add_argument(
+        "--disconnect-storm", type=int, default=30, metavar="N", help="sessions per storm (default: %(default)s)"
+    )
+    soak.add_argument("--storm-every", type=float, default=60.0, metavar="SECONDS", help="(default: %(default)s)")
+    soak.add_argument("--report-every", type=float, default=60.0, metavar="SECONDS", help="(default: %(default)s)")
+    soak.add_argument("--audio", type=Path, default=None, help="speech to loop (default: the test fixtures)")
+    _add_common(soak)
+    soak.set_defaults(run=_run_bench_soak)
 
 
 def _numbers(flag: str, text: str, kind: type[float] | type[int], least: float) -> tuple[float, ...]:
@@ -198,3 +222,29 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     )
     bench_serve(options)
     return 0
+
+
+def _run_bench_soak(args: argparse.Namespace) -> int:
+    _at_least("--minutes", args.minutes, 0.01)
+    _at_least("--sessions", args.sessions, 1)
+    _at_least("--disconnect-storm", args.disconnect_storm, 0)
+    _at_least("--storm-every", args.storm_every, 0.1)
+    _at_least("--report-every", args.report_every, 0.1)
+    dtype = _dtype(args)
+    from asrlive._bench_soak import SoakBenchOptions, bench_soak
+
+    options = SoakBenchOptions(
+        size=args.size,
+        dtype=str(dtype).removeprefix("torch."),
+        device=args.device,
+        quantize=args.quantize,
+        minutes=args.minutes,
+        sessions=args.sessions,
+        storm=args.disconnect_storm,
+        storm_every_s=args.storm_every,
+        report_every_s=args.report_every,
+        max_sessions=args.sessions + args.disconnect_storm,
+        audio=args.audio,
+        json=args.json,
+    )
+    return bench_soak(options)

@@ -32,7 +32,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 # What `asrlive serve`, `transcribe` and `bench` need beyond a client install (`asrlive[server]`).
-SERVER_MODULES = ("torch", "transformers", "safetensors", "aiortc", "prometheus_client", "starlette", "uvicorn")
+SERVER_MODULES = ("torch", "transformers", "safetensors", "aiortc", "prometheus_client", "starlette", "h11")
 
 
 # The options' messages name their fields; a person typed flags.

@@ -6,7 +6,7 @@ import argparse
 import errno
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asrlive._cli_common import (
     EXIT_FAILED,
@@ -23,7 +23,10 @@ from asrlive._cli_common import (
 from asrlive.web import STREAM_PATH, ServerOptions
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from asrlive._cli_common import Commands
+    from asrlive.clients._soak import SoakOptions
 
 
 def add_commands(commands: Commands) -> None:
@@ -95,6 +98,31 @@ def _add_serve(commands: Commands) -> None:
         help="largest file POST /v1/audio/transcriptions takes, MiB (default: %(default)g, OpenAI's limit)",
     )
     limits.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=defaults.handshake_timeout_s,
+        help="seconds a client has to send a whole request head (HTTP headers, a WebSocket upgrade) from "
+        "the connection's start, or from the previous response's end (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="seconds a client has to send a whole request body (an upload) after its head (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=defaults.keepalive_timeout_s,
+        help="seconds an HTTP connection may stay idle between requests (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="TCP connections open at once; more are answered 503 and closed (default: %(default)s)",
+    )
+    limits.add_argument(
         "--partial-interval-ms",
         type=int,
         default=defaults.session.partial_interval_ms,
@@ -122,6 +150,10 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
             max_session_s=args.max_session_seconds,
             max_lag_s=args.max_lag,
             max_upload_bytes=round(args.max_upload_mb * 2**20),
+            handshake_timeout_s=args.handshake_timeout,
+            body_timeout_s=args.body_timeout,
+            keepalive_timeout_s=args.keepalive_timeout,
+            max_connections=args.max_connections,
             session=SessionOptions(partial_interval_ms=args.partial_interval_ms),
         )
     except ValueError as exc:
@@ -161,9 +193,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     check_device_options(args.device, args.quantize)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # uvicorn logs its start, its stop and every WebSocket handshake: the server says what matters once.
-    for name in ("uvicorn", "websockets"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # websockets logs every WebSocket handshake: the server says what matters once.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
     model = load_model(args.model, args.dtype, args.device, args.quantize)
     aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize) if args.aligner else None
     if not args.plain_weights and model.pack_weights():
@@ -197,6 +228,28 @@ def _add_loadtest(commands: Commands) -> None:
     cmd.add_argument("--token", default=None)
     cmd.add_argument("--stagger", type=float, default=0.25, help="seconds between client starts (default: %(default)s)")
     cmd.add_argument("--partial-interval-ms", type=int, default=None, help="(default: the server's)")
+    soak = cmd.add_argument_group(
+        "soak",
+        "--soak keeps --sessions clients streaming, session after session, adds storms of sessions dropped "
+        "mid-utterance, and prints the server's resident memory (from its /metrics) as it goes, then first, "
+        "last and max, and the growth over the second half",
+    )
+    soak.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="run for this long")
+    soak.add_argument(
+        "--disconnect-storm",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every --storm-every seconds, N more sessions stream speech and drop their TCP connection in the "
+        "middle of an utterance (default: no storms)",
+    )
+    soak.add_argument("--storm-every", type=float, default=None, metavar="SECONDS", help="(default: 60)")
+    soak.add_argument(
+        "--report-every", type=float, default=None, metavar="SECONDS", help="one line per interval (default: 60)"
+    )
+    soak.add_argument(
+        "--json", action="store_true", help="print the samples and summary as one JSON object (the lines go to stderr)"
+    )
     cmd.set_defaults(run=_run_loadtest)
 
 
@@ -209,6 +262,7 @@ def _run_loadtest(args: argparse.Namespace) -> int:
 
     if args.sessions < 1:
         raise UsageError("--sessions must be at least 1")
+    soak = _soak_options(args)
     try:
         url = stream_url(args.url)
     except ValueError as exc:
@@ -219,6 +273,8 @@ def _run_loadtest(args: argparse.Namespace) -> int:
         clips = [load_audio(path) for path in args.audio]
     except AudioError as exc:
         raise UsageError(str(exc)) from None
+    if soak is not None:
+        return _run_soak(soak, url, clips, args.json)
     seconds = max(clip.size for clip in clips) / 16_000
     print(f"asrlive loadtest: {args.sessions} sessions, about {seconds:.0f} s ...", file=sys.stderr, flush=True)
     report = asyncio.run(
@@ -232,4 +288,73 @@ def _run_loadtest(args: argparse.Namespace) -> int:
         )
     )
     print("\n".join(report.lines()), flush=True)
+    return EXIT_FAILED if report.errors else 0
+
+
+_SOAK_FLAGS = {
+    "--disconnect-storm": "disconnect_storm",
+    "--storm-every": "storm_every",
+    "--report-every": "report_every",
+    "--json": "json",
+}
+
+
+def _soak_options(args: argparse.Namespace) -> SoakOptions | None:
+    """The soak's options, or None without --soak (whose options are then refused)."""
+    from asrlive.clients._soak import SoakOptions
+
+    if args.soak is None:
+        stray = [flag for flag, value in _SOAK_FLAGS.items() if getattr(args, value) not in (None, False)]
+        if stray:
+            raise UsageError(f"{stray[0]} goes with --soak")
+        return None
+    flags = {"storm": args.disconnect_storm, "storm_every_s": args.storm_every, "report_every_s": args.report_every}
+    given: dict[str, Any] = {name: value for name, value in flags.items() if value is not None}
+    options = SoakOptions(
+        duration_s=args.soak * 60,
+        sessions=args.sessions,
+        stagger_s=args.stagger,
+        token=args.token,
+        partial_interval_ms=args.partial_interval_ms,
+        **given,
+    )
+    if options.duration_s <= 0:
+        raise UsageError("--soak must be more than 0 minutes")
+    if options.storm < 0:
+        raise UsageError("--disconnect-storm must be 0 or more")
+    if options.storm_every_s <= 0 or options.report_every_s <= 0:
+        raise UsageError("--storm-every and --report-every must be more than 0 seconds")
+    return options
+
+
+def _run_soak(options: SoakOptions, url: str, clips: list[np.ndarray], as_json: bool) -> int:
+    import asyncio
+    import json
+
+    from asrlive.clients._loadtest import metrics_url, read_metrics
+    from asrlive.clients._soak import HEADER, RSS, Sample, run_soak
+
+    exposition = read_metrics(url)
+    if exposition is None:
+        raise UsageError(f"cannot read {metrics_url(url)}: the soak reads the server's memory there")
+    if f"\n{RSS} " not in exposition:
+        print(f"asrlive loadtest: the server's /metrics has no {RSS}: memory is not shown", file=sys.stderr)
+    lines = sys.stderr if as_json else sys.stdout
+
+    def show(sample: Sample) -> None:
+        print(sample.line(), file=lines, flush=True)
+
+    storms = f", storms of {options.storm}" if options.storm else ""
+    minutes = options.duration_s / 60
+    print(
+        f"asrlive loadtest: soak for {minutes:g} min, {options.sessions} sessions{storms} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    print(HEADER, file=lines, flush=True)
+    report = asyncio.run(run_soak(url, clips, options, show))
+    if as_json:
+        print(json.dumps(report.figures()), flush=True)
+    else:
+        print("\n".join(report.lines()), flush=True)
     return EXIT_FAILED if report.errors else 0

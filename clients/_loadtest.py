@@ -113,7 +113,7 @@ async def run_load(
     started = time.monotonic()
     records = [ClientRecord() for _ in range(sessions)]
     clients = [
-        _client(url, clips[i % len(clips)], records[i], i * stagger_s, token, partial_interval_ms, timestamps)
+        run_client(url, clips[i % len(clips)], records[i], i * stagger_s, token, partial_interval_ms, timestamps)
         for i in range(sessions)
     ]
     await asyncio.gather(*clients)
@@ -134,7 +134,7 @@ async def run_load(
     )
 
 
-async def _client(
+async def run_client(
     url: str,
     audio: np.ndarray,
     record: ClientRecord,
@@ -143,6 +143,7 @@ async def _client(
     interval: int | None,
     timestamps: bool,
 ) -> None:
+    """One session: ``audio`` streamed in real time from ``delay`` seconds on, then finished; noted in ``record``."""
     await asyncio.sleep(delay)
     sent_at: npt.NDArray[np.float64] = np.full(-(-audio.size // FRAME), np.inf)  # when frame i left
     try:
@@ -193,12 +194,17 @@ def sent_time(sent_at: npt.NDArray[np.float64], seconds: float) -> float:
 
 
 async def _send_realtime(stream: Stream, audio: np.ndarray, sent_at: npt.NDArray[np.float64]) -> None:
+    await send_frames(stream, audio, sent_at)
+    await stream.finish()
+
+
+async def send_frames(stream: Stream, audio: np.ndarray, sent_at: npt.NDArray[np.float64]) -> None:
+    """``audio`` in 100 ms frames at wall-clock pace, noting when frame i left in ``sent_at[i]``."""
     start = time.monotonic()
     for index in range(sent_at.size):
         await asyncio.sleep(max(0.0, start + index * FRAME / SAMPLE_RATE - time.monotonic()))
         await stream.send_audio(audio[index * FRAME : (index + 1) * FRAME])
         sent_at[index] = time.monotonic()
-    await stream.finish()
 
 
 def metrics_url(url: str) -> str:
@@ -214,12 +220,23 @@ def inference_seconds(url: str) -> float | None:
 
 def metric(url: str, name: str) -> float | None:
     """One unlabelled sample of the server's /metrics, or None if it cannot be read."""
+    text = read_metrics(url)
+    return None if text is None else sample(text, name)
+
+
+def read_metrics(url: str) -> str | None:
+    """The server's /metrics exposition, or None if it cannot be read."""
     try:
         with urllib.request.urlopen(metrics_url(url), timeout=10) as response:
-            text = response.read().decode()
+            text: str = response.read().decode()
     except OSError:
         return None
-    for line in text.splitlines():
+    return text
+
+
+def sample(exposition: str, name: str) -> float | None:
+    """One unlabelled sample of a Prometheus exposition, or None if it has none of that name."""
+    for line in exposition.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
     return None

@@ -326,6 +326,13 @@ class RealtimeSession:
         self._clear_buffer()
         return events
 
+    def expire(self, message: str) -> list[dict[str, Any]]:
+        """The session reached the server's length limit: ``error`` (``session_expired``, as OpenAI
+        says it), then ``finish()``: what was committed or spoken is still transcribed."""
+        if self.finished:
+            return []
+        return [self._write.error(RealtimeError("session_expired", message), None), *self.finish()]
+
     def close(self) -> list[dict[str, Any]]:
         """The client went: nothing more is due; every job and all audio are dropped."""
         self.finished = self.closed = True

@@ -11,6 +11,7 @@ from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClass
 from asrlive.engine import AsrModel, load_audio
 from asrlive.engine._aligner import Aligner
 
+from . import requires
 from .checkpoints import (
     FIXTURES,
     random_aligner,
@@ -28,10 +29,22 @@ EOS = (151643, 151645)
 MODEL_FIXTURES = {"checkpoints", "load_model", "reference", "aligners", "load_aligner", "aligner_reference"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{requires.MARK}(reason): needs a component; reason None when present (tests/requires.py)"
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A missing component skips the test (fails it under CI) before its fixtures are set up."""
+    requires.check(item)
 
 
 @pytest.fixture(scope="session")

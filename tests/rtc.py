@@ -23,7 +23,6 @@ from websockets.exceptions import ConnectionClosed
 
 from asrlive.engine import SAMPLE_RATE
 from asrlive.web import RTC_PATH
-from asrlive.web._connection import Connection
 
 from .serving import TIMEOUT, server_metric
 
@@ -48,19 +47,6 @@ def restrict_ice_to_loopback(monkeypatch) -> None:
             await add(self, candidate)
 
     monkeypatch.setattr(aioice.ice.Connection, "add_remote_candidate", add_loopback_only)
-
-
-def record_received_audio(monkeypatch) -> dict[str, list[np.ndarray]]:
-    """Session id -> the 16 kHz blocks the server fed to that session, in order."""
-    heard: dict[str, list[np.ndarray]] = defaultdict(list)
-    feed = Connection._feed
-
-    def recording_feed(self: Connection, pcm: np.ndarray) -> None:
-        heard[self.id].append(pcm.copy())
-        feed(self, pcm)
-
-    monkeypatch.setattr(Connection, "_feed", recording_feed)
-    return heard
 
 
 class ArrayTrack(MediaStreamTrack):
@@ -167,3 +153,19 @@ class RtcPeer:
 
 def rtc_url(server) -> str:
     return f"ws://127.0.0.1:{server.port}{RTC_PATH}"
+
+
+def record_received_audio(monkeypatch) -> dict[str, list[np.ndarray]]:
+    """Session id -> the 16 kHz blocks each protocol v1 session (``/v1/stream``, ``/v1/rtc``) was
+    fed on the server, in order (after decoding and resampling)."""
+    from asrlive.streaming._v1 import StreamProtocol
+
+    heard: dict[str, list[np.ndarray]] = defaultdict(list)
+    feed = StreamProtocol._feed
+
+    def recording_feed(self: StreamProtocol, pcm: np.ndarray) -> list:
+        heard[self.id].append(pcm.copy())
+        return feed(self, pcm)
+
+    monkeypatch.setattr(StreamProtocol, "_feed", recording_feed)
+    return heard

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from asrlive.clients import connect
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber, transcribe
@@ -123,6 +127,9 @@ async def raw_session(url: str, messages: list, **kwargs) -> Result:
         try:
             for message in messages:
                 await ws.send(message, text=True if isinstance(message, TextBytes) else None)
+        except ConnectionClosed:
+            pass  # the server closed first (a refusal): what it sent before the close is still read
+        try:
             while True:
                 result.events.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
         except ConnectionClosed:
@@ -192,3 +199,50 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
     finally:
         writer.transport.abort()
+
+
+def slowed_forwards_transcriber(seconds: float) -> type[StreamTranscriber]:
+    """An engine that needs ``seconds`` more for every forward of every job: each round still
+    completes within ``seconds`` or so (the engine makes progress), while a job of many forwards
+    takes many times as long."""
+
+    class SlowedForwards(StreamTranscriber):
+        def transcribe_steps(self, segment, audio, final):
+            inner = super().transcribe_steps(segment, audio, final)
+            try:
+                request = next(inner)
+                while True:
+                    time.sleep(seconds)  # in the inference thread, like real compute
+                    response = yield request
+                    request = inner.send(response)
+            except StopIteration as stop:
+                return stop.value
+
+    return SlowedForwards
+
+
+async def non_reading_session(port: int, path: str, messages: list[str | bytes]) -> asyncio.StreamWriter:
+    """A WebSocket client with a 4 KiB receive buffer that sends everything at once and then reads
+    nothing after the handshake."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    while protocol.state is State.CONNECTING:
+        protocol.receive_data(await asyncio.wait_for(reader.read(1024), TIMEOUT))
+    assert protocol.handshake_exc is None
+    for message in messages:
+        if isinstance(message, str):
+            protocol.send_text(message.encode())
+        else:
+            protocol.send_binary(message)
+    writer.write(b"".join(protocol.data_to_send()))
+    try:
+        await asyncio.wait_for(writer.drain(), TIMEOUT)
+    except ConnectionError:
+        pass  # given up while it was still sending
+    return writer

@@ -2,7 +2,8 @@
 
 Units, the monotonic fix-up, the class-to-milliseconds product and the rounding to seconds must
 equal transformers' Qwen3ASRProcessor bit for bit: they decide the word timestamps users see.
-Japanese and Korean use optional segmenters (nagisa, soynlp); their parity tests skip without them.
+Japanese and Korean use optional segmenters (nagisa, soynlp); their parity tests skip without them
+(fail under CI: tests/requires.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -35,6 +35,8 @@ from asrlive.engine._align_text import (
     unit_times,
 )
 
+from .requires import absent_module, requires
+
 PARITY = settings(
     max_examples=150,
     deadline=None,
@@ -44,8 +46,8 @@ PARITY = settings(
 # nagisa runs a neural network per call (milliseconds): fewer examples.
 SEGMENTER_PARITY = settings(PARITY, max_examples=60)
 TIMESTAMP_TOKEN = 151705
-needs_nagisa = pytest.mark.skipif(find_spec("nagisa") is None, reason="nagisa is not installed (asrlive[ja])")
-needs_soynlp = pytest.mark.skipif(find_spec("soynlp") is None, reason="soynlp is not installed (asrlive[ko])")
+needs_nagisa = requires(absent_module("nagisa", "asrlive[ja]"))
+needs_soynlp = requires(absent_module("soynlp", "asrlive[ko]"))
 SUPPORTED_MESSAGE = (
     "it supports: Cantonese (yue), Chinese (zh), English (en), French (fr), German (de), Italian (it), "
     "Japanese (ja), Korean (ko), Portuguese (pt), Russian (ru), Spanish (es)"

@@ -17,11 +17,12 @@ from asrlive.clients._loadtest import metric
 from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions
 
 from .balancer import BACKEND, HAProxy, haproxy_missing
+from .requires import requires
 from .serving import GAP, TIMEOUT, eventually, offline_token_ids
 from .test_cli_serve import ServerProcess, start_server
 from .test_live_client import _paced
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.skipif(bool(haproxy_missing()), reason=str(haproxy_missing()))]
+pytestmark = [pytest.mark.asyncio, requires(haproxy_missing())]
 
 MAX_SESSIONS = 3
 

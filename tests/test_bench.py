@@ -22,7 +22,7 @@ from asrlive.clients._loadtest import FRAME, ClientRecord, LoadReport, note_even
 from .checkpoints import random_aligner as tiny_aligner
 from .checkpoints import random_network as tiny_network
 
-BENCHES = [["bench", "engine"], ["bench", "align"], ["bench", "stream"], ["bench", "serve"]]
+BENCHES = [["bench", "engine"], ["bench", "align"], ["bench", "stream"], ["bench", "serve"], ["bench", "soak"]]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 SETUP = Setup("0.6B", "bfloat16", "cpu", "", 2, None, False)
 

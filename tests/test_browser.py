@@ -35,6 +35,7 @@ from scipy.signal import correlate
 
 from asrlive.clients._transcript import timestamp
 
+from .requires import requires
 from .rtc import open_sessions
 from .serving import TIMEOUT, eventually, running_server, stream_audio
 
@@ -44,7 +45,7 @@ MS = 1000 * TIMEOUT  # Playwright's timeouts are in milliseconds
 
 pytestmark = [
     pytest.mark.asyncio,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+    requires(None if CHROMIUM.exists() else "needs Debian's chromium at /usr/bin/chromium"),
     pytest.mark.usefixtures("loopback_ice"),
 ]
 

@@ -16,6 +16,8 @@ from wcwidth import wcswidth, wcwidth
 
 from asrlive.clients._display import Captions
 
+from .requires import import_required
+
 CLEAR, DIM, RESET = "\r\x1b[2K", "\x1b[2m", "\x1b[0m"
 HEAD = "▯▯▯▯▯▯▯▯ listening "  # no audio yet: an empty meter; 19 columns
 CHINESE = "今天天气很好我们去公园散步吧然后一起吃午饭"
@@ -153,7 +155,7 @@ def test_escape_sequences_from_the_server_never_reach_a_pipe_or_stderr():
 
 
 def _screen(written: str, width: int, height: int):
-    pyte = pytest.importorskip("pyte")
+    pyte = import_required("pyte", "asrlive[test]")
     screen = pyte.Screen(width, height)
     pyte.Stream(screen).feed(written)
     return screen

@@ -15,6 +15,7 @@ from asrlive.cli import main
 from asrlive.engine import DecodingOptions, load_audio, transcribe
 
 from .checkpoints import FIXTURES
+from .requires import import_required
 
 CLIP = FIXTURES / "speech" / "librivox-0880.wav"
 OTHER = FIXTURES / "speech" / "cards-003.wav"
@@ -138,7 +139,7 @@ def test_quantize_without_torchao_is_refused_before_the_model_loads(command, tmp
 
 
 def test_transcribe_on_the_cpu_with_int8_weights(checkpoints, capsys):
-    pytest.importorskip("torchao")
+    import_required("torchao", "asrlive[int8]")
     model = str(checkpoints["hf"])
     options = ["--dtype", "float32", "--max-new-tokens", "4", "--format", "json", "--device", "cpu"]
     assert main(["transcribe", str(CLIP), "--model", model, *options, "--quantize", "int8"]) == 0

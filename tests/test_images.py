@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from asrlive.cli import _build_parser
-from asrlive.web import AsrServer
+from asrlive.web._routes import Routes
 
 ROOT = Path(__file__).parents[1]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("*Dockerfile*"))
@@ -92,9 +92,8 @@ def test_the_image_serves_what_it_exposes_and_health_checks(target: str) -> None
     healthcheck = last(image, "HEALTHCHECK")
     url = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/[^'\"\s]*)", healthcheck)
     assert url, healthcheck
-    server = AsrServer.__new__(AsrServer)  # only its route table: no model, no port
-    server._page = {}
-    routes = [getattr(route, "path", None) for route in server._build_app().routes]
+    app = Routes(host=None).app()  # only its route table: no server, no model, no port
+    routes = [getattr(route, "path", None) for route in app.routes]
     assert (int(url[1]), url[2]) == (args.port, "/healthz")
     assert url[2] in routes
 

@@ -18,11 +18,12 @@ import soundfile
 from asrlive import cli
 
 from .audio_device import missing_tools, play_command, virtual_microphone
+from .requires import requires
 from .serving import GAP, TIMEOUT, DroppingProxy, eventually, running_server
 from .test_cli_serve import _asrlive
 
-needs_pulseaudio = pytest.mark.skipif(
-    bool(missing_tools()), reason=f"no virtual microphone: missing {', '.join(missing_tools())} (see .ci/run)"
+needs_pulseaudio = requires(
+    f"no virtual microphone: missing {', '.join(missing_tools())} (see .ci/run)" if missing_tools() else None
 )
 
 
@@ -121,7 +122,7 @@ def _portaudio_missing() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(_portaudio_missing()), reason=f"PortAudio cannot load: {_portaudio_missing()} (see .ci/run)")
+@requires(f"PortAudio cannot load: {_portaudio_missing()} (see .ci/run)" if _portaudio_missing() else None)
 def test_mic_with_an_unknown_device_names_the_devices(capsys):
     assert cli.main(["mic", "--device", "no-such-microphone-anywhere"]) == 2
     err = capsys.readouterr().err

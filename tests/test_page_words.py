@@ -27,6 +27,8 @@ from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright
 
 from asrlive.clients._transcript import timestamp
 
+from .requires import requires
+
 CHROMIUM = Path("/usr/bin/chromium")
 MS = 60_000  # Playwright's timeouts are in milliseconds
 CUE_CHARS, CUE_SECONDS = 84, 7.0
@@ -36,7 +38,7 @@ TAG = re.compile(r"<(\d\d:\d\d:\d\d\.\d\d\d)>")
 pytestmark = [
     pytest.mark.asyncio,
     pytest.mark.slow,  # a Chromium process, like the other browser tests
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+    requires(None if CHROMIUM.exists() else "needs Debian's chromium at /usr/bin/chromium"),
 ]
 
 

@@ -50,7 +50,7 @@ async def test_ready_until_full(load_model):
             assert (await probe(server, "/healthz"))[0] == 200  # alive all the same
             await session.finish()
             assert [event["type"] async for event in session] == ["done"]
-        await eventually(lambda: server.unavailable() is None)
+        await eventually(lambda: server.admission.unavailable() is None)
         assert (await probe(server, "/readyz"))[0] == 200
 
 
@@ -59,7 +59,7 @@ async def test_not_ready_while_lagging(load_model, speech):
     async with running_server(load_model("hf"), slow, max_lag_s=0.5) as server:
         clip = speech["librivox-0870"]
         lagging = asyncio.create_task(stream_audio(server.url, clip, pace=0.01, partial_interval_ms=100))
-        await eventually(lambda: server.worst_lag() > 0.5)
+        await eventually(lambda: server.admission.worst_lag() > 0.5)
         status, body = await probe(server, "/readyz")
         assert status == 503 and body["status"] == "lagging" and body["lag_seconds"] > 0.5
         await asyncio.wait_for(lagging, TIMEOUT)
@@ -74,7 +74,7 @@ async def test_draining_replica_answers_not_ready_then_goes(load_model, speech):
     session = asyncio.create_task(stream_audio(server.url, clip, pace=0.002, finish=False))
     await eventually(lambda: server.metrics.audio_seconds._value.get() >= 4.0)
     shutdown = asyncio.create_task(server.shutdown())
-    await eventually(lambda: server.unavailable() is not None)
+    await eventually(lambda: server.admission.unavailable() is not None)
     status, body = await probe(server, "/readyz")
     assert status == 503 and body["status"] == "stopping" and body["message"] == "the server is shutting down"
     status, body = await probe(server, "/healthz")

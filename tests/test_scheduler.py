@@ -9,8 +9,12 @@ real engine (the tiny random-weight model) in a real server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import math
 import threading
+import typing
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +26,7 @@ from asrlive.clients import connect
 from asrlive.engine import DecodingOptions, StreamTranscriber
 from asrlive.engine._steps import Step
 from asrlive.streaming import SAMPLE_RATE, Final, Partial, Session, SessionOptions, SpeechStopped
+from asrlive.web._inference import Message, Round
 from asrlive.web._metrics import Metrics
 from asrlive.web._scheduler import Scheduler, Stream
 
@@ -143,10 +148,12 @@ class Harness:
     scheduler: Scheduler
     model: FakeModel
     plans: dict = field(default_factory=dict)
-    transcribers: dict[str, FakeTranscriber] = field(default_factory=dict)
+    transcribers: dict[str, FakeTranscriber] = field(default_factory=dict)  # the last one made, by name
+    made: list[str] = field(default_factory=list)  # the name (decoding context) of each transcriber, as made
     delivered: list = field(default_factory=list)  # (client name, job), in the order results came
 
     def make(self, model, decoding: DecodingOptions) -> FakeTranscriber:
+        self.made.append(decoding.context)
         steps, fail_at = self.plans[decoding.context]
         transcriber = self.transcribers[decoding.context] = FakeTranscriber(decoding.context, steps, fail_at)
         return transcriber
@@ -265,6 +272,62 @@ async def test_a_stream_removed_mid_computation_is_cancelled_without_a_callback(
     (partial,) = leaving.engine.jobs
     assert leaving.engine.cancelled == [partial] and harness.model.rounds_with(partial) == [0]
     assert leaving.results == [] and leaving.failures == []
+
+
+@pytest.mark.asyncio
+async def test_a_removed_streams_transcriber_is_dropped_by_the_inference_thread_at_once(speech):
+    async with running(gated=True) as harness:
+        leaving = harness.client("leaving", PARTIALS, steps={False: 40, True: 2})
+        staying = harness.client("staying", FINALS_ONLY)
+        leaving.feed(np.concatenate([GAP, speech["librivox-0870"][: 2 * SAMPLE_RATE]]))
+        await harness.round_started(0)  # its partial runs, held at the gate
+        engine = weakref.ref(harness.transcribers.pop("leaving"))  # from now on only the thread holds it
+        assert engine() is not None and engine().jobs
+        gc.disable()  # dropped, not left to the garbage collector
+        try:
+            harness.scheduler.remove(leaving.stream)
+            harness.model.allow(math.inf)
+            await eventually(lambda: engine() is None)
+        finally:
+            gc.enable()
+        staying.feed(np.concatenate(_speech_then_silence(speech, "cards-003")))  # the others carry on
+        await eventually(lambda: staying.of_type(Final))
+    assert harness.made == ["leaving", "staying"]
+    assert leaving.results == [] and leaving.failures == [] and len(staying.results) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_decoding_change_makes_a_new_transcriber_from_the_next_job_admitted(speech):
+    """The change comes after the job was admitted but before the thread took it: the job keeps the
+    options it was admitted with; the stream's next job has a new transcriber, made with the new ones."""
+    async with running(gated=True) as harness:
+        busy = harness.client("busy", PARTIALS, steps={False: 40, True: 2})
+        busy.feed(np.concatenate([GAP, speech["librivox-0870"][: 2 * SAMPLE_RATE]]))
+        await harness.round_started(0)  # the thread waits at the gate, its inbox unread
+        client = harness.client("one", PARTIALS)
+        speaking = np.concatenate([GAP, speech["librivox-0880"]])
+        client.feed(speaking[: 2 * SAMPLE_RATE])
+        await eventually(lambda: client.stream.in_flight)  # admitted with context "one"
+        harness.plans["two"] = ({False: 3, True: 2}, None)
+        client.stream.decoding = DecodingOptions(context="two")
+        harness.model.allow(math.inf)
+        await eventually(lambda: len(client.results) == 1)
+        client.feed(speaking[2 * SAMPLE_RATE : 3 * SAMPLE_RATE])
+        await eventually(lambda: len(client.results) == 2)
+    one, two = harness.transcribers["one"], harness.transcribers["two"]
+    assert harness.made == ["busy", "one", "two"]
+    assert [partial.text for partial in client.of_type(Partial)] == [*one.jobs, *two.jobs]
+    assert [tag.split()[0] for tag in (*one.jobs, *two.jobs)] == ["one", "two"]
+    assert one.cancelled == [] and two.cancelled == []
+
+
+def test_the_event_loop_and_the_inference_thread_exchange_only_frozen_messages():
+    """A guard: every message class (both ways) is a frozen dataclass, and none carries a ``Stream``."""
+    kinds = [*typing.get_args(Message), Round]
+    assert {kind.__name__ for kind in kinds} >= {"Admit", "Compute", "Cancel", "Release", "Forget", "Stop", "Round"}
+    for kind in kinds:
+        assert dataclasses.is_dataclass(kind) and kind.__dataclass_params__.frozen, kind
+        assert not any("Stream" in str(f.type) or "Work" in str(f.type) for f in dataclasses.fields(kind)), kind
 
 
 @pytest.mark.asyncio

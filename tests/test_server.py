@@ -126,7 +126,7 @@ async def test_overload_warns_and_refuses_new_sessions_but_keeps_every_final(loa
         refusal = None
         for _ in range(200):
             await asyncio.sleep(0.05)
-            if server.worst_lag() > 0.5:
+            if server.admission.worst_lag() > 0.5:
                 with pytest.raises(SessionRefused) as refusal:
                     async with connect(server.url, timeout=TIMEOUT):
                         pass

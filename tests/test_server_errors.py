@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber
-from asrlive.web._connection import Connection
+from asrlive.web._codecs import StreamCodec
 from asrlive.web._transport import WebSocketTransport
 
 from .rtc import rtc_url
@@ -273,7 +273,7 @@ async def test_a_stuck_engine_ends_the_wait_for_finals_after_the_drain_timeout(l
         waited = time.monotonic() - began
     assert not result.of_type("final") and result.events[-1]["reason"] == "finish" and result.close_code == 1000
     assert waited < 2.5  # the session did not wait for the stuck job
-    assert "the engine completed nothing for 0.5 s; closing without the last finals" in caplog.text
+    assert "the engine completed nothing for 0.5 s; closing without the last results" in caplog.text
 
 
 def gated_partials() -> tuple[type[StreamTranscriber], threading.Event, threading.Event]:
@@ -323,14 +323,14 @@ async def test_no_partial_after_an_error(load_model, speech):
 def handler_fails_on_crash_context(monkeypatch) -> None:
     """The connection handler's own code (not the engine) raises once a session whose context is
     "crash" has 0.5 s of audio: a bug, as far as the client can tell."""
-    feed = Connection._feed
+    receive = StreamCodec.receive
 
-    def failing_feed(self: Connection, pcm) -> None:
-        if self._stream is not None and self._stream.decoding.context == "crash" and self._received >= 8000:
+    async def failing_receive(self: StreamCodec, message):
+        if self.decoding().context == "crash" and self.position >= 8000:
             raise RuntimeError("simulated bug in the connection handler")
-        feed(self, pcm)
+        return await receive(self, message)
 
-    monkeypatch.setattr(Connection, "_feed", failing_feed)
+    monkeypatch.setattr(StreamCodec, "receive", failing_receive)
 
 
 @pytest.mark.usefixtures("handler_fails_on_crash_context")

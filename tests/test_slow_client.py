@@ -4,23 +4,23 @@ given up while every other session keeps its results."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 
 import numpy as np
 import pytest
-from websockets.client import ClientProtocol
-from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from asrlive.engine import SAMPLE_RATE
+from asrlive.web import _server
+from asrlive.web._http import HttpLimits
 from asrlive.web._outbox import Outbox
-from asrlive.web._websocket import WebSocketProtocol
 
 from .serving import (
     GAP,
     TIMEOUT,
     eventually,
+    non_reading_session,
     offline_token_ids,
     pcm16,
     running_server,
@@ -77,39 +77,18 @@ def test_a_record_over_the_bound_is_refused_but_kept():
     assert _queued(outbox) == ["final", "final", "final", "final"]  # the partial before a final went
 
 
-async def _non_reading_session(port: int, audio: np.ndarray) -> asyncio.StreamWriter:
-    """A WebSocket client that sends a start and all its audio at once and then reads nothing: a
-    4 KiB receive buffer, and no read after the handshake."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-    protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/v1/stream"))
-    protocol.send_request(protocol.connect())
-    writer.write(b"".join(protocol.data_to_send()))
-    while protocol.state is State.CONNECTING:
-        protocol.receive_data(await asyncio.wait_for(reader.read(1024), TIMEOUT))
-    assert protocol.handshake_exc is None
-    protocol.send_text(start_message().encode())
-    for begin in range(0, audio.size, SAMPLE_RATE):
-        protocol.send_binary(pcm16(audio[begin : begin + SAMPLE_RATE]))
-    writer.write(b"".join(protocol.data_to_send()))
-    await asyncio.wait_for(writer.drain(), TIMEOUT)
-    return writer
-
-
 @pytest.mark.asyncio
 async def test_a_client_that_reads_nothing_is_given_up_and_others_keep_their_finals(load_model, speech, monkeypatch):
     # Small buffers everywhere (the transport's, the socket's, the outbox), so that the tiny model's
     # short messages fill them in seconds: 72 utterances' events are about 40 KB.
-    monkeypatch.setattr(WebSocketProtocol, "write_buffer_bytes", 1024)
+    monkeypatch.setattr(_server, "HttpLimits", functools.partial(HttpLimits, write_buffer_bytes=1024))
     model = load_model("hf")
     talk = np.concatenate([speech["cards-001"], GAP, speech["goforward"], GAP] * 36)
     async with running_server(model, max_outbox_bytes=1024) as server:
         for listener in server._sockets:  # accepted sockets inherit it
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        writer = await _non_reading_session(server.port, talk)
+        messages = [start_message(), *(pcm16(talk[i : i + SAMPLE_RATE]) for i in range(0, talk.size, SAMPLE_RATE))]
+        writer = await non_reading_session(server.port, "/v1/stream", messages)
         result = await stream_audio(server.url, talk[: 8 * 16_000], pace=0.01, partial_interval_ms=100)
         await eventually(lambda: server_metric(server, "asrlive_slow_clients_total") == 1)
         await eventually(lambda: server_metric(server, "asrlive_open_sessions") == 0)

@@ -24,9 +24,9 @@ SERVER_ONLY = (
     "prometheus_client",
     "huggingface_hub",
     "starlette",
-    "uvicorn",
+    "h11",
 )
-SERVER_TOP = {"torch", "transformers", "aiortc", "starlette", "uvicorn"}  # none of them may load on the client side
+SERVER_TOP = {"torch", "transformers", "aiortc", "starlette", "h11"}  # none of them may load on the client side
 
 # Run in a fresh interpreter where the server extra's modules cannot be imported, as after
 # `pip install asrlive` without `[server]`; report the exit code and what got imported.
@@ -65,6 +65,17 @@ def test_client_commands_run_without_the_server_extra(tmp_path):
     assert result["code"] == 2 and result["err"] == f"asrlive stream: {missing}: no such file\n"
     result = _client_only(["mic", "--output", str(tmp_path / "no-such-folder" / "x.srt")])
     assert result["code"] == 2 and "the folder" in result["err"] and "does not exist" in result["err"]
+    assert not set(result["imported"]) & SERVER_TOP
+
+
+@pytest.mark.asyncio
+async def test_the_soak_runs_without_the_server_extra(load_model):
+    clip = str(FIXTURES / "speech" / "goforward.wav")
+    soak = ["--soak", "0.05", "--disconnect-storm", "2", "--storm-every", "1", "--report-every", "1"]
+    async with running_server(load_model("hf")) as server:
+        result = await asyncio.to_thread(_client_only, ["loadtest", server.url, "--audio", clip, *soak])
+    assert result["code"] == 0, result["err"]
+    assert "RSS: first " in result["out"] and "errors: 0" in result["out"]
     assert not set(result["imported"]) & SERVER_TOP
 
 

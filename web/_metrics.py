@@ -29,7 +29,11 @@ class Window:
 
 class Metrics:
     def __init__(self) -> None:
+        from prometheus_client import ProcessCollector
+
         self.registry = registry = CollectorRegistry()
+        # process_resident_memory_bytes, CPU seconds, open fds...: what `asrlive loadtest --soak` watches.
+        ProcessCollector(registry=registry)
         self.sessions = Gauge("asrlive_open_sessions", "Open streaming sessions", registry=registry)
         self.sessions_total = Counter("asrlive_sessions", "Sessions started", registry=registry)
         self.refused = Counter("asrlive_sessions_refused", "Sessions refused", ["code"], registry=registry)
@@ -66,9 +70,19 @@ class Metrics:
         )
         self.lag = Gauge("asrlive_lag_seconds", "Worst result latency among open sessions", registry=registry)
         self.peer_connections = Gauge("asrlive_peer_connections", "WebRTC peer connections now open", registry=registry)
+        self.connections_closed = Counter(
+            "asrlive_connections_closed",
+            "Connections closed by the HTTP layer: a deadline passed (handshake_timeout, body_timeout, "
+            "keepalive_timeout), a bad request, or refused over max_connections",
+            ["reason"],
+            registry=registry,
+        )
         self._busy = Window()
         self._audio = Window()
         self.real_time_factor.set_function(self.recent_real_time_factor)
+
+    def connections_closed_by(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
 
     def audio(self, seconds: float) -> None:
         self.audio_seconds.inc(seconds)

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
     from asrlive.engine import Aligner, AsrModel
 
+    from ._admission import Admission
+    from ._auth import Auth
     from ._scheduler import Scheduler
 
 log = logging.getLogger("asrlive.server")
@@ -60,9 +62,8 @@ class RestHost(Protocol):
     control_tokens: tuple[str, ...]  # the tokenizer's, read once by the server
     started_at: int  # unix time: the model's ``created``
 
-    def authorized_bearer(self, authorization: str | None) -> bool: ...
-    def admit_request(self) -> ProtocolError | None: ...
-    def release_request(self) -> None: ...
+    auth: Auth  # the one token check of every endpoint
+    admission: Admission  # an upload takes a session slot while it is transcribed
 
     @property
     def max_upload_bytes(self) -> int: ...
@@ -105,13 +106,13 @@ def models(host: RestHost) -> Response:
 async def transcriptions(host: RestHost, request: Request) -> Response:
     """Parse, admit, decode, transcribe, answer in the asked format; every failure as OpenAI shapes it."""
     try:
-        if not host.authorized_bearer(request.headers.get("Authorization")):
+        if not host.auth.allows(request.headers, request.url.query):
             raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
         _check_length(request, host.max_upload_bytes)
         async with request.form(max_files=1, max_fields=32) as form:
             parsed, upload = _parse_form(host, form)
             audio = await _decode(upload, host.max_upload_bytes)
-        refusal = host.admit_request()
+        refusal = host.admission.admit()
         if refusal is not None:
             status = 429 if refusal.code == "server_full" else 503
             kind = "rate_limit_error" if status == 429 else "server_error"
@@ -125,7 +126,7 @@ async def transcriptions(host: RestHost, request: Request) -> Response:
     except ApiError as error:
         return error.response()
     finally:
-        host.release_request()
+        host.admission.release()
     return render(parsed, result)
 
 
@@ -275,7 +276,7 @@ async def _stream(host: RestHost, request: TranscriptionRequest, audio: np.ndarr
                 json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
             )
         finally:
-            host.release_request()
+            host.admission.release()
             await queue.put(None)
 
     task = asyncio.create_task(work())

@@ -11,6 +11,9 @@ from asrlive.streaming import SessionOptions
 
 STREAM_PATH = "/v1/stream"
 RTC_PATH = "/v1/rtc"
+REALTIME_PATH = "/v1/realtime"  # OpenAI's Realtime API (transcription sessions)
+# The OpenAI SDK lets one realtime append carry 15 MiB of base64; the rest of an event is small.
+REALTIME_MAX_MESSAGE_BYTES = 15 * 1024 * 1024 + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,13 @@ class ServerOptions:
     max_upload_bytes: int = 25 * 1024 * 1024  # a file for POST /v1/audio/transcriptions (OpenAI's limit)
     drain_timeout_s: float = 60.0  # at a session's end, how long the engine may stall before finals are given up
     close_timeout_s: float = 10.0
+    # Deadlines for what a client owes (web/_http.py; docs/protocol.md, "Deadlines"): a request's head
+    # (HTTP headers or the WebSocket upgrade), an upload's body, the next request on a kept-alive
+    # connection; and the connections open at once, past which a new one is answered 503.
+    handshake_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 1000
     # Messages waiting for a client that reads too slowly; past it superseded partials are dropped,
     # and a client whose finals alone exceed it is given up (its connection aborted).
     max_outbox_bytes: int = 1024 * 1024
@@ -40,10 +50,25 @@ class ServerOptions:
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_batch", "max_frame_bytes", "max_upload_bytes", "max_outbox_bytes"):
+        for name in (
+            "max_sessions",
+            "max_batch",
+            "max_frame_bytes",
+            "max_upload_bytes",
+            "max_outbox_bytes",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("idle_timeout_s", "max_session_s", "drain_timeout_s", "close_timeout_s"):
+        for name in (
+            "idle_timeout_s",
+            "max_session_s",
+            "drain_timeout_s",
+            "close_timeout_s",
+            "handshake_timeout_s",
+            "body_timeout_s",
+            "keepalive_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if (self.certfile is None) != (self.keyfile is None):
@@ -63,6 +88,18 @@ class ServerOptions:
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"cannot load the TLS certificate {self.certfile} / key {self.keyfile}: {exc}") from None
         return context
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...] | None) -> bool:
+    """Whether a WebSocket handshake's ``Origin`` may open a session: always without a list
+    (``allowed`` None) or without an Origin (clients other than browsers send none); else when
+    it is listed, or is the page's own origin (its host[:port] is the one the request went to)."""
+    if allowed is None or origin is None:
+        return True
+    origin = origin.strip().lower()
+    if origin in allowed:
+        return True
+    return bool(host) and urlsplit(origin).netloc == (host or "").strip().lower()
 
 
 def normalize_origin(origin: str) -> str:

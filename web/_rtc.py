@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from asrlive.streaming import SAMPLE_RATE, ProtocolError, Start, decode_message, parse_start
 from asrlive.streaming._protocol import check_text, quote
 
-from ._transport import Incoming, Transport
+from ._transport import Incoming, StreamTransport
 
 if TYPE_CHECKING:
     from ._options import ServerOptions
@@ -75,14 +75,30 @@ def to_mono(frame: av.AudioFrame) -> np.ndarray:
     return mono
 
 
-class RtcTransport(Transport):
+class PeerConnections:
+    """The WebRTC peer connections open now (a gauge in the metrics); each transport adds its own."""
+
+    def __init__(self) -> None:
+        self._open: set[RTCPeerConnection] = set()
+
+    def add(self, pc: RTCPeerConnection) -> None:
+        self._open.add(pc)
+
+    def discard(self, pc: RTCPeerConnection) -> None:
+        self._open.discard(pc)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+class RtcTransport(StreamTransport):
     """One browser peer connection; ``peers`` is the server's set of open ones."""
 
     # ready waits for the data channel, which may take a while; the WebSocket is read by its own
     # task all along, so nothing would be gained by holding back the session's reads meanwhile.
     sends_ready_before_reading = False
 
-    def __init__(self, ws: ServerWebSocket, options: ServerOptions, peers: set[RTCPeerConnection]) -> None:
+    def __init__(self, ws: ServerWebSocket, options: ServerOptions, peers: PeerConnections) -> None:
         super().__init__(ws, options)
         self._peers = peers
         self._pc: RTCPeerConnection | None = None
@@ -231,8 +247,16 @@ class RtcTransport(Transport):
 
     async def release(self) -> None:
         await super().release()
-        for task in self._tasks:
+        # Cancelled, awaited and forgotten, and what was not read dropped: a cancelled task keeps its
+        # CancelledError and a queued ConnectionClosed its traceback, whose frames hold this
+        # transport (reference cycles: docs/deploy.md, Memory over time).
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        while not self._items.empty():
+            self._items.get_nowait()
         if self._pc is not None:
             await self._pc.close()
             self._peers.discard(self._pc)

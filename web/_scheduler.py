@@ -1,10 +1,14 @@
 """One inference thread owns the model and runs a continuous batch; the event loop feeds it jobs.
 
-The event loop owns the sessions (``feed``, ``next_job`` and ``complete`` are cheap and never
-touch torch). The inference thread owns the model, the ``ContinuousBatch`` (engine/_batch.py) and
-every stream's engine state (its ``StreamTranscriber``). They meet at two points only: an inbox
-the thread empties between rounds (admit a job, cancel one, release utterances' state, stop), and
-``call_soon_threadsafe``, which hands each round's finished computations to the event loop.
+Who owns what. The event loop owns the sessions (``feed``, ``next_job`` and ``complete`` are cheap
+and never touch torch) and each connection's ``Stream``: its decoding options for the jobs it
+admits from now on, its computation in flight, its state. The inference thread owns the model, the
+``ContinuousBatch`` (engine/_batch.py), the ``AlignStage`` and every stream's engine state (its
+``StreamTranscriber``), all in ``_inference.Inference``, made in the thread. Nothing mutable is
+shared: the event loop sends frozen messages to an inbox the thread empties between rounds (admit
+a job, with the stream's id, options and timestamps flag; compute; cancel; release utterances'
+state; forget a stream; stop), and the thread posts each round's results, by key, with
+``call_soon_threadsafe``; the event loop maps the keys back to its streams and futures.
 
 A round is one batched encoder forward and one ragged LLM forward over every computation in
 flight. A job admitted now joins at the next round, whatever the others still have to do: nobody
@@ -37,32 +41,32 @@ and a stale speculation is cancelled there like anywhere else.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from asrlive._words import Alignment
 from asrlive.engine import AsrModel, DecodingOptions, Hypothesis, StreamTranscriber
 from asrlive.engine._aligner import Aligner
-from asrlive.engine._batch import ContinuousBatch, Finished
 from asrlive.streaming import SAMPLE_RATE, Job
 
-from ._align_stage import Aligned, AlignStage
+from ._align_stage import Aligned
+from ._inference import Admit, Cancel, Compute, Forget, Inference, Message, Release, Round, Stop
+from ._inference import TranscriberFactory as TranscriberFactory
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from asrlive.engine._steps import Steps
 
 log = logging.getLogger("asrlive.server")
 T = TypeVar("T")
 
-TranscriberFactory = Callable[[AsrModel, DecodingOptions], StreamTranscriber]
+_stream_ids = itertools.count()
 
 
 class Listener(Protocol):
@@ -90,54 +94,30 @@ class JobSource(Protocol):
 
 @dataclass(eq=False)
 class Stream:
-    """What the scheduler knows of one connection."""
+    """What the scheduler knows of one connection; the event loop's only (the thread knows its id)."""
 
     session: JobSource
     decoding: DecodingOptions  # for the jobs admitted from now on (a realtime session may change it)
     listener: Listener
-    transcriber: StreamTranscriber | None = None  # created and used in the inference thread only
-    transcribing_with: DecodingOptions | None = None  # the options the transcriber was made with
-    closed: bool = False  # removed, or its engine failed: no more work
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    work: _Work | None = None  # its computation in flight, as the event loop sees it
-    released: int = -1  # the engine state of utterances up to this one is released
     timestamps: bool = False  # its finals carry word times
+    closed: bool = field(default=False, init=False)  # removed, or its engine failed: no more work
+    drained: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    work: _Work | None = field(default=None, init=False)  # its computation in flight
+    released: int = field(default=-1, init=False)  # the engine state of utterances up to this one is released
+    id: int = field(default_factory=lambda: next(_stream_ids), init=False)  # its name in the messages
 
     @property
     def in_flight(self) -> bool:
         return self.work is not None
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class _Work:
-    """One job of one stream; the batch key, so that the result of a cancelled job is recognised."""
+    """One job of one stream in flight, under ``key`` (a cancelled job's result is recognised by it)."""
 
+    key: int
     stream: Stream
     job: Job
-
-
-@dataclass(eq=False)
-class _Compute:
-    """A computation of its own, not a stream's job (a piece of an uploaded file, or its words):
-    its result goes to ``future``; ``aligner``: the aligner's batch runs it."""
-
-    computation: Steps[Any]
-    future: asyncio.Future[Any]
-    aligner: bool
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    work: _Work | _Compute
-
-
-@dataclass(frozen=True)
-class _Release:
-    stream: Stream
-    segments: range
-
-
-_Message = _Work | _Compute | _Cancel | _Release | None  # a _Work or _Compute is admitted; None stops the thread
 
 
 class Scheduler:
@@ -158,8 +138,10 @@ class Scheduler:
         self._next = 0  # round-robin start for partials
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
-        self._computing: set[_Compute] = set()  # computations of their own in flight
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._keys = itertools.count()
+        self._works: dict[int, _Work] = {}  # the streams' jobs in flight, by key
+        self._computing: dict[int, asyncio.Future[Any]] = {}  # computations of their own in flight, by key
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.last_progress = time.monotonic()  # when a round last completed
@@ -176,7 +158,7 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._thread is not None:
-            self._inbox.put(None)
+            self._inbox.put(Stop())
             # Waits for the round in progress: the model must not be torn down under it.
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
@@ -192,6 +174,7 @@ class Scheduler:
         if stream.work is not None:
             self._cancel(stream)
             self.wake()  # a slot is free
+        self._inbox.put(Forget(stream.id))  # its transcriber goes now
 
     def wake(self) -> None:
         self._wake.set()
@@ -205,16 +188,15 @@ class Scheduler:
         its result, or the exception it raised. Cancelling the wait cancels the computation."""
         if aligner and self.aligner is None:
             raise RuntimeError("this scheduler has no aligner")
-        work = _Compute(computation, asyncio.get_running_loop().create_future(), aligner)
-        self._computing.add(work)
-        self._inbox.put(work)
+        key = next(self._keys)
+        future = self._computing[key] = asyncio.get_running_loop().create_future()
+        self._inbox.put(Compute(key, computation, aligner))
         try:
-            result: T = await work.future
+            result: T = await future
             return result
         finally:
-            self._computing.discard(work)
-            if not work.future.done():  # the waiter was cancelled: so is the computation
-                self._inbox.put(_Cancel(work))
+            if self._computing.pop(key, None) is not None:  # the waiter was cancelled: so is the computation
+                self._inbox.put(Cancel(key))
             self.wake()  # a slot is free
 
     # -- the event loop's side ---------------------------------------------------------------------
@@ -239,7 +221,7 @@ class Scheduler:
     def _admit(self) -> None:
         count = len(self._streams)
         order = [self._streams[(self._next + i) % count] for i in range(count)]
-        free = self.max_batch - len(self._computing) - sum(stream.work is not None for stream in order)
+        free = self.max_batch - len(self._computing) - len(self._works)
         for partials in (False, True):  # the finals of every stream before any partial
             for stream in order:
                 if free <= 0:
@@ -258,33 +240,38 @@ class Scheduler:
         if log.isEnabledFor(logging.DEBUG):
             kind = "final" if job.final else "speculative final" if job.speculative else "partial"
             log.debug("admitted: %s of segment %d, %.1f s", kind, job.segment, (job.end - job.start) / SAMPLE_RATE)
-        stream.work = work = _Work(stream, job)
-        self._inbox.put(work)
+        key = next(self._keys)
+        stream.work = self._works[key] = _Work(key, stream, job)
+        self._inbox.put(Admit(key, stream.id, job, stream.decoding, stream.timestamps))
 
     def _cancel(self, stream: Stream) -> None:
         assert stream.work is not None
-        self._inbox.put(_Cancel(stream.work))
+        key = stream.work.key
+        del self._works[key]
+        self._inbox.put(Cancel(key))
         stream.work = None
 
     def _release_finalized(self, stream: Stream) -> None:
         finalized = stream.session.finalized
         if finalized > stream.released:
-            self._inbox.put(_Release(stream, range(stream.released + 1, finalized + 1)))
+            self._inbox.put(Release(stream.id, range(stream.released + 1, finalized + 1)))
             stream.released = finalized
 
-    def _on_round(self, finished: list[Finished], seconds: float, computations: int) -> None:
+    def _on_round(self, done: Round) -> None:
         if self._stopped:
             return
         self.last_progress = time.monotonic()
-        self.metrics.busy(seconds, computations)
-        for item in finished:
-            if isinstance(item.key, _Compute):
-                _settle(item.key.future, item.result)
+        self.metrics.busy(done.seconds, done.computations)
+        for item in done.finished:
+            key = cast(int, item.key)
+            future = self._computing.pop(key, None)
+            if future is not None:
+                _settle(future, item.result)
                 continue
-            work = cast(_Work, item.key)
+            work = self._works.pop(key, None)
+            if work is None:  # cancelled: the stream went, or the partial went stale
+                continue
             stream = work.stream
-            if stream.work is not work:  # cancelled: the stream went, or the partial went stale
-                continue
             stream.work = None
             if not stream.session.stale(work.job):  # (it may have gone stale during its last round)
                 self._deliver(stream, work.job, item.result)
@@ -310,75 +297,9 @@ class Scheduler:
     # -- the inference thread ----------------------------------------------------------------------
 
     def _infer(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Between rounds, whatever the event loop sent (waiting for it only when idle); then a round."""
-        batch = ContinuousBatch(self.model)
-        stage = AlignStage(self.aligner) if self.aligner is not None else None
-        while True:
-            messages = self._take(wait=not len(batch) and not stage)
-            started = time.monotonic()  # admitting runs model code too (up to each job's first request)
-            admitted = False
-            for message in messages:
-                if message is None:
-                    return
-                admitted |= self._handle(batch, stage, message)
-            if not admitted and not len(batch) and not stage:
-                continue
-            finished = batch.step()
-            if stage is not None:
-                finished = stage.admit(finished, self._audio_to_align)
-                if stage:
-                    finished += stage.step()
-            # Computations in this round: those still running and those it finished.
-            running = len(finished) + len(batch) + (len(stage) if stage is not None else 0)
-            loop.call_soon_threadsafe(self._on_round, finished, time.monotonic() - started, running)
-
-    def _take(self, wait: bool) -> list[_Message]:
-        messages = [self._inbox.get()] if wait else []
-        while not self._inbox.empty():
-            messages.append(self._inbox.get_nowait())
-        return messages
-
-    @staticmethod
-    def _audio_to_align(key: object) -> np.ndarray | None:
-        """The audio of a finished transcription whose words its stream wants (a final's, or a speculation's)."""
-        if not isinstance(key, _Work):
-            return None
-        job = key.job
-        wanted = key.stream.timestamps and (job.final or job.speculative)
-        return job.audio if wanted else None
-
-    def _handle(
-        self, batch: ContinuousBatch, stage: AlignStage | None, message: _Work | _Compute | _Cancel | _Release
-    ) -> bool:
-        """Apply one message; whether it admitted a computation."""
-        if isinstance(message, _Cancel):
-            batch.cancel(message.work)
-            if stage is not None:
-                stage.cancel(message.work)
-        elif isinstance(message, _Release):
-            transcriber = message.stream.transcriber
-            if transcriber is not None:
-                for segment in message.segments:
-                    transcriber.release(segment)
-        elif isinstance(message, _Compute):
-            if message.aligner and stage is not None:
-                stage.add(message, message.computation)
-            else:
-                batch.add(message, message.computation)
-            return True
-        else:
-            batch.add(message, self._computation(message))
-            return True
-        return False
-
-    def _computation(self, work: _Work) -> Steps[Hypothesis]:
-        stream, job = work.stream, work.job
-        decoding = stream.decoding
-        if stream.transcriber is None or stream.transcribing_with != decoding:
-            # (a new prompt: the open utterance's state is dropped, and the job decodes from scratch)
-            stream.transcriber, stream.transcribing_with = self._make(self.model, decoding), decoding
-        hypothesis: Hypothesis = yield from stream.transcriber.transcribe_steps(job.segment, job.audio, job.final)
-        return hypothesis
+        """The thread: its state is made here and reachable from here only."""
+        inference = Inference(self.model, self.aligner, self._make)
+        inference.run(self._inbox, lambda done: loop.call_soon_threadsafe(self._on_round, done))
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:

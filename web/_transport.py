@@ -1,9 +1,12 @@
 """Where a session's messages come from and where its events go: the part of a connection that
-differs between the WebSocket protocol (``/v1/stream``) and WebRTC (``/v1/rtc``, web/_rtc.py).
+differs between the WebSocket protocol (``/v1/stream``), WebRTC (``/v1/rtc``, web/_rtc.py) and the
+OpenAI Realtime endpoint (``/v1/realtime``).
 
-The lifecycle around it (admission, limits, draining, ``done``, close codes, metrics) is the same
-for every transport and lives in web/_connection.py. A transport turns what the client sends into
-two kinds of items, text control messages and 16 kHz mono float32 audio, and delivers event JSON.
+The lifecycle around it (limits, draining, close codes, metrics) is the same for every transport
+and lives in web/_connection.py. A protocol v1 transport (``StreamTransport``) turns what the
+client sends into two kinds of items, text control messages and 16 kHz mono float32 audio; the
+Realtime one (``Transport`` itself) hands over the WebSocket's messages as they are. Both deliver
+event JSON.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ if TYPE_CHECKING:
 Incoming = str | np.ndarray  # a text control message, or audio at 16 kHz
 
 
-class Transport(ABC):
-    """One client's channels. ``ws`` is the WebSocket the session was opened on (admission reads
-    the token from its request); ``receive`` raises ``ConnectionClosed`` once the client is gone."""
+class Transport:
+    """One client's channels. ``ws`` is the WebSocket the session was opened on; ``receive``
+    raises ``ConnectionClosed`` once the client is gone. As it is: the WebSocket's messages."""
 
     # Whether the connection sends ``ready`` before it reads past ``start``: true where reading is
     # reading the WebSocket, whose layer may close the connection at a read (1007, invalid UTF-8).
@@ -37,27 +40,9 @@ class Transport(ABC):
         self.options = options
         self._discarding: asyncio.Task[None] | None = None
 
-    @abstractmethod
-    def parse_start(self, text: str) -> Start:
-        """The first text message, validated (ProtocolError if it is not a valid start)."""
-
-    @abstractmethod
-    async def open(self, start: Start) -> dict[str, Any]:
-        """Prepare to receive audio; returns the ``ready`` fields this transport decides
-        (``sample_rate``, ``encoding``)."""
-
-    @abstractmethod
-    async def receive(self) -> Incoming:
+    async def receive(self) -> str | bytes | np.ndarray:
         """The client's next message; ProtocolError for input that breaks the protocol."""
-
-    @abstractmethod
-    def flush(self) -> np.ndarray:
-        """Audio still held back (a resampler's tail) at the end of the stream."""
-
-    @property
-    @abstractmethod
-    def seconds(self) -> float:
-        """Audio received so far, in seconds at the client's rate."""
+        return await self.ws.recv()
 
     async def send(self, text: str) -> None:
         await self.ws.send(text)
@@ -83,11 +68,41 @@ class Transport(ABC):
 
     async def release(self) -> None:
         """Free everything the transport holds; called once, however the session ended."""
-        if self._discarding is not None:
-            self._discarding.cancel()
+        # Cancelled and awaited, and forgotten: a cancelled task keeps its CancelledError, whose
+        # traceback holds the task's frame, which holds this transport (a reference cycle).
+        discarding, self._discarding = self._discarding, None
+        if discarding is not None:
+            discarding.cancel()
+            await asyncio.wait({discarding})
 
 
-class WebSocketTransport(Transport):
+class StreamTransport(Transport, ABC):
+    """Protocol v1's: a ``start`` of its own, then text messages and 16 kHz audio."""
+
+    @abstractmethod
+    def parse_start(self, text: str) -> Start:
+        """The first text message, validated (ProtocolError if it is not a valid start)."""
+
+    @abstractmethod
+    async def open(self, start: Start) -> dict[str, Any]:
+        """Prepare to receive audio; returns the ``ready`` fields this transport decides
+        (``sample_rate``, ``encoding``)."""
+
+    @abstractmethod
+    async def receive(self) -> Incoming:
+        """The client's next message; ProtocolError for input that breaks the protocol."""
+
+    @abstractmethod
+    def flush(self) -> np.ndarray:
+        """Audio still held back (a resampler's tail) at the end of the stream."""
+
+    @property
+    @abstractmethod
+    def seconds(self) -> float:
+        """Audio received so far, in seconds at the client's rate."""
+
+
+class WebSocketTransport(StreamTransport):
     """Protocol v1: JSON text messages and binary PCM frames on one WebSocket (docs/protocol.md)."""
 
     def __init__(self, ws: ServerWebSocket, options: ServerOptions) -> None:
