@@ -221,20 +221,31 @@ def slowed_forwards_transcriber(seconds: float) -> type[StreamTranscriber]:
     return SlowedForwards
 
 
-async def non_reading_session(port: int, path: str, messages: list[str | bytes]) -> asyncio.StreamWriter:
-    """A WebSocket client with a 4 KiB receive buffer that sends everything at once and then reads
-    nothing after the handshake."""
+async def raw_websocket(
+    port: int, path: str, receive_buffer: int | None = None, timeout: float = TIMEOUT
+) -> tuple[ClientProtocol, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A bare WebSocket client on its sans-I/O protocol, the handshake done; ``receive_buffer``: the
+    socket's receive buffer, and a small read-ahead (a client that falls behind at once)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.setblocking(False)
-    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), timeout)
+    limit = 1024 if receive_buffer is not None else 2**16
+    reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
     protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
     protocol.send_request(protocol.connect())
     writer.write(b"".join(protocol.data_to_send()))
     while protocol.state is State.CONNECTING:
-        protocol.receive_data(await asyncio.wait_for(reader.read(1024), TIMEOUT))
+        protocol.receive_data(await asyncio.wait_for(reader.read(4096), timeout))
     assert protocol.handshake_exc is None
+    return protocol, reader, writer
+
+
+async def non_reading_session(port: int, path: str, messages: list[str | bytes]) -> asyncio.StreamWriter:
+    """A WebSocket client with a 4 KiB receive buffer that sends everything at once and then reads
+    nothing after the handshake."""
+    protocol, _, writer = await raw_websocket(port, path, receive_buffer=4096)
     for message in messages:
         if isinstance(message, str):
             protocol.send_text(message.encode())

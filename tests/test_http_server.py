@@ -21,9 +21,10 @@ from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from asrlive.web._http import HttpLimits, HttpServer
+
+from .serving import eventually, raw_websocket
 
 TIMEOUT = 10.0
 MARGIN = 1.0  # what a deadline may be late by on a busy 2-core machine
@@ -197,17 +198,6 @@ async def test_an_application_error_is_a_500_and_logged(caplog):
 # -- WebSocket -------------------------------------------------------------------------------------
 
 
-async def raw_websocket(port: int, path: str) -> tuple[ClientProtocol, asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
-    protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
-    protocol.send_request(protocol.connect())
-    writer.write(b"".join(protocol.data_to_send()))
-    while protocol.state is State.CONNECTING:
-        protocol.receive_data(await asyncio.wait_for(reader.read(4096), TIMEOUT))
-    assert protocol.handshake_exc is None
-    return protocol, reader, writer
-
-
 async def received(protocol: ClientProtocol, reader: asyncio.StreamReader) -> list[Frame]:
     """Every frame until the server ends the connection; then the protocol's close code is known."""
     frames = []
@@ -243,7 +233,7 @@ async def test_websocket_echo_subprotocol_and_sizes():
 
 async def test_invalid_utf8_fails_when_read_after_what_came_before():
     async with serving() as server:
-        protocol, reader, writer = await raw_websocket(server.port, "/ordered")
+        protocol, reader, writer = await raw_websocket(server.port, "/ordered", timeout=TIMEOUT)
         protocol.send_text(b"first")
         protocol.send_text(b"\xc3\x28")  # not UTF-8
         protocol.send_text(b"after")
@@ -258,7 +248,7 @@ async def test_invalid_utf8_fails_when_read_after_what_came_before():
 @pytest.mark.parametrize("fragments, code", [(4096, 1000), (4097, 1009)])
 async def test_a_message_in_too_many_fragments_fails_when_read(fragments, code):
     async with serving() as server:
-        protocol, reader, writer = await raw_websocket(server.port, "/ws")
+        protocol, reader, writer = await raw_websocket(server.port, "/ws", timeout=TIMEOUT)
         protocol.send_binary(b"a", fin=False)
         for _ in range(fragments - 2):
             protocol.send_continuation(b"a", fin=False)
@@ -296,7 +286,7 @@ async def test_the_abort_extension_drops_the_connection():
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), TIMEOUT)
             assert ws.close_code == 1006  # no close frame: the TCP connection went
-        await asyncio.wait_for(_until(lambda: server.asgi.seen), TIMEOUT)
+        await eventually(lambda: server.asgi.seen, TIMEOUT)
     assert server.asgi.seen == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
 
 
@@ -314,11 +304,6 @@ async def test_shutdown_closes_open_websockets_with_a_closing_handshake():
         assert ws.close_code == 1012
         with pytest.raises(OSError):
             await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), TIMEOUT)
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 # -- hostile clients -------------------------------------------------------------------------------
@@ -371,7 +356,7 @@ async def test_slow_and_silent_clients_are_closed_within_their_deadlines(caplog)
         await read_to_eof(reader, TIMEOUT)  # idle after a response: the keep-alive deadline
         idle = time.monotonic() - started
         writer.close()
-        await asyncio.wait_for(_until(lambda: sum(server.closed.values()) == 6), TIMEOUT)
+        await eventually(lambda: sum(server.closed.values()) == 6, TIMEOUT)
     for (name, (_, _, deadline)), seconds in zip(SLOW_CLIENTS.items(), elapsed, strict=True):
         assert deadline <= seconds + 0.05 < deadline + MARGIN, name
     assert 0.5 <= idle + 0.05 < 0.5 + MARGIN
@@ -382,13 +367,13 @@ async def test_slow_and_silent_clients_are_closed_within_their_deadlines(caplog)
 async def test_connections_over_the_limit_get_a_503_and_the_count_recovers(caplog):
     async with serving(max_connections=3) as server:
         held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
-        await asyncio.wait_for(_until(lambda: server.connections == 3), TIMEOUT)
+        await eventually(lambda: server.connections == 3, TIMEOUT)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         answer = await read_to_eof(reader, TIMEOUT)  # sent nothing
         writer.close()
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"connection: close" in answer.lower()
         held[0][1].close()
-        await asyncio.wait_for(_until(lambda: server.connections == 2), TIMEOUT)
+        await eventually(lambda: server.connections == 2, TIMEOUT)
         answer = await exchange(server.port, b"GET /hello HTTP/1.0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK")
         for _, writer in held[1:]:

@@ -83,6 +83,18 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+def invalid_api_key() -> ApiError:
+    """A missing or wrong token, as OpenAI answers a bad API key (REST and Realtime alike)."""
+    return ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+
+
+def refused(refusal: ProtocolError) -> ApiError:
+    """An admission's refusal as OpenAI says it: 429 when every slot is taken, else 503."""
+    if refusal.code == "server_full":
+        return ApiError(429, refusal.message, "rate_limit_error", None, refusal.code)
+    return ApiError(503, refusal.message, "server_error", None, refusal.code)
+
+
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param, code)
 
@@ -107,16 +119,14 @@ async def transcriptions(host: RestHost, request: Request) -> Response:
     """Parse, admit, decode, transcribe, answer in the asked format; every failure as OpenAI shapes it."""
     try:
         if not host.auth.allows(request.headers, request.url.query):
-            raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+            raise invalid_api_key()
         _check_length(request, host.max_upload_bytes)
         async with request.form(max_files=1, max_fields=32) as form:
             parsed, upload = _parse_form(host, form)
             audio = await _decode(upload, host.max_upload_bytes)
         refusal = host.admission.admit()
         if refusal is not None:
-            status = 429 if refusal.code == "server_full" else 503
-            kind = "rate_limit_error" if status == 429 else "server_error"
-            raise ApiError(status, refusal.message, kind, None, refusal.code)
+            raise refused(refusal)
     except ApiError as error:
         return error.response()
     if parsed.stream:

@@ -14,7 +14,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.websockets import WebSocket
 from websockets.exceptions import ConnectionClosed
 
@@ -26,6 +26,7 @@ from asrlive.streaming._v1 import StreamOptions, StreamProtocol
 
 from ._codecs import Codec, RealtimeCodec, StreamCodec
 from ._connection import Connection
+from ._openai import invalid_api_key, refused
 from ._options import RTC_PATH, origin_allowed
 from ._rtc import PeerConnections, RtcTransport
 from ._transport import StreamTransport, Transport, WebSocketTransport
@@ -90,16 +91,12 @@ async def serve_realtime(host: SessionHost, websocket: WebSocket) -> None:
         return
     ws = ServerWebSocket(websocket)
     if not host.auth.allows(ws.headers, ws.query):
-        await _deny(
-            websocket, _openai_error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        )
+        await _deny(websocket, invalid_api_key().response())
         return
-    refused = host.admission.admit()
-    if refused is not None:
-        host.metrics.refused.labels(refused.code).inc()
-        status = 429 if refused.code == "server_full" else 503
-        kind = "rate_limit_error" if status == 429 else "server_error"
-        await _deny(websocket, _openai_error(status, refused.message, kind, refused.code))
+    refusal = host.admission.admit()
+    if refusal is not None:
+        host.metrics.refused.labels(refusal.code).inc()
+        await _deny(websocket, refused(refusal).response())
         return
     try:
         await ws.accept()
@@ -185,10 +182,6 @@ async def _origin_refused(host: SessionHost, websocket: WebSocket) -> bool:
     log.info("refused a WebSocket handshake from the origin %r", (origin or "")[:200])
     await _deny(websocket, PlainTextResponse(FORBIDDEN_ORIGIN, 403))
     return True
-
-
-def _openai_error(status: int, message: str, kind: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
 
 
 async def _deny(websocket: WebSocket, response: Response) -> None:
