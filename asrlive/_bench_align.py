@@ -22,10 +22,9 @@ import torch
 from transformers import Qwen3ASRFeatureExtractor
 
 from asrlive._bench_engine import Figure, Timer
-from asrlive._bench_stream import SimulatedText, dump_json, looped_speech
-from asrlive.engine import SAMPLE_RATE, ModelInfo
+from asrlive._bench_stream import WEIGHTS_LINE, SimulatedText, bench_info, dump_json, looped_speech
+from asrlive.engine import SAMPLE_RATE
 from asrlive.engine._aligner import Aligner, alignable_units
-from asrlive.engine._model import resolve_device
 from asrlive.engine._shapes import ALIGNER_SEGMENT_MS, random_aligner_network
 from asrlive.engine._steps import Step
 
@@ -42,6 +41,7 @@ class AlignBenchOptions:
     repeats: int
     audio: Path | None
     json: bool
+    plain_weights: bool = False  # F.linear over the weights as loaded (--plain-weights)
 
 
 class _OneTokenPerWord(SimulatedText):
@@ -51,12 +51,14 @@ class _OneTokenPerWord(SimulatedText):
         return [WORD_TOKEN]
 
 
-def bench_aligner(dtype: torch.dtype, device: str | None = None, quantize: str | None = None) -> Aligner:
-    """A random-weight aligner of the true shapes, placed and quantized as the engine does a checkpoint."""
+def bench_aligner(
+    dtype: torch.dtype, device: str | None = None, quantize: str | None = None, plain_weights: bool = False
+) -> Aligner:
+    """A random-weight aligner of the true shapes, in the weight format the engine picks for a checkpoint."""
     network = random_aligner_network(dtype)
-    info = ModelInfo("random-aligner-0.6B", Path("."), "hf", dtype, resolve_device(device), quantize)
+    info = bench_info("random-aligner-0.6B", dtype, device, quantize, plain_weights)
     extractor = Qwen3ASRFeatureExtractor()  # type: ignore[no-untyped-call]  # its __init__ is unannotated
-    return Aligner(network, _OneTokenPerWord(), extractor, info, ALIGNER_SEGMENT_MS)
+    return Aligner.of_network(network, _OneTokenPerWord(), extractor, info, ALIGNER_SEGMENT_MS)
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,13 @@ HEADER = f"{'audio s':>7} {'words':>6} {'rows':>6} {'encoder':>9} {'LLM':>8} {'t
 @torch.inference_mode()
 def bench_align(options: AlignBenchOptions) -> None:
     print("asrlive bench align: building a random-weight Qwen3-ForcedAligner-0.6B ...", file=sys.stderr, flush=True)
-    aligner = bench_aligner(options.dtype, options.device, options.quantize)
-    aligner.pack_weights()  # as the server does
+    aligner = bench_aligner(options.dtype, options.device, options.quantize, options.plain_weights)
     timer = Timer(aligner.device, options.repeats)
     speech = looped_speech(max(SECONDS), options.audio)
     rows = [_row(aligner, timer, speech[: seconds * SAMPLE_RATE], seconds) for seconds in SECONDS]
     dtype = str(options.dtype).removeprefix("torch.")
     where = f"{torch.get_num_threads()} threads" if aligner.device.type == "cpu" else str(aligner.device)
-    setup = f"Qwen3-ForcedAligner-0.6B shapes, random weights, {dtype}, {where}"
-    setup += ", oneDNN-packed weights" if aligner.weights_packed else ""
+    setup = f"Qwen3-ForcedAligner-0.6B shapes, random weights, {dtype}, {where}, {WEIGHTS_LINE[aligner.info.weights]}"
     if options.json:
         record = {"model": setup, "repeats": options.repeats, "words_per_second": WORDS_PER_SECOND}
         print(dump_json(record | {"rows": [row.figures() for row in rows]}), flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,7 @@ class ServeBenchOptions:
     interval_ms: int
     audio: Path | None
     json: bool
+    plain_weights: bool = False  # F.linear over the weights as loaded (--plain-weights)
     timestamps: bool = False  # each row also with word timestamps on every final
 
 
@@ -107,7 +108,8 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def _transcriber(model: AsrModel, decoding: DecodingOptions) -> ScriptedTranscriber:
-    return ScriptedTranscriber(model, decoding, PROMPT)
+    # The bench fixes the tokens decoded: a random-weight model's loops are part of the script, not cut.
+    return ScriptedTranscriber(model, replace(decoding, cut_loops=False), PROMPT)
 
 
 async def _measure(
@@ -134,13 +136,11 @@ def _clips(duration: float, sessions: int, audio_path: Path | None) -> list[np.n
 
 def bench_serve(options: ServeBenchOptions) -> None:
     print(f"building a random-weight {options.size} network ...", file=sys.stderr, flush=True)
-    model = bench_model(options.size, options.dtype, options.device, options.quantize)
-    model.pack_weights()  # as the server does
+    model = bench_model(options.size, options.dtype, options.device, options.quantize, options.plain_weights)
     aligner = None
     if options.timestamps:
         print("building a random-weight Qwen3-ForcedAligner-0.6B ...", file=sys.stderr, flush=True)
-        aligner = bench_aligner(options.dtype, options.device, options.quantize)
-        aligner.pack_weights()
+        aligner = bench_aligner(options.dtype, options.device, options.quantize, options.plain_weights)
     clips = _clips(options.duration, max(options.counts), options.audio)
     rows = []
     for max_batch in options.batches:

@@ -47,6 +47,7 @@ class SoakBenchOptions:
     max_sessions: int
     audio: Path | None
     json: bool
+    plain_weights: bool = False  # F.linear over the weights as loaded (--plain-weights)
 
 
 def server_argv(options: SoakBenchOptions) -> list[str]:
@@ -57,6 +58,8 @@ def server_argv(options: SoakBenchOptions) -> list[str]:
         argv += ["--device", options.device]
     if options.quantize is not None:
         argv += ["--quantize", options.quantize]
+    if options.plain_weights:
+        argv += ["--plain-weights"]
     return argv
 
 
@@ -145,6 +148,7 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--device", default=None)
     parser.add_argument("--quantize", default=None)
+    parser.add_argument("--plain-weights", action="store_true")
     parser.add_argument("--max-sessions", type=int, required=True)
     args = parser.parse_args(argv)
 
@@ -157,8 +161,7 @@ def serve(argv: list[str]) -> None:
     from asrlive.web import AsrServer, ServerOptions, run_server
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = bench_model(args.size, getattr(torch, args.dtype), args.device, args.quantize)
-    model.pack_weights()  # as the server does
+    model = bench_model(args.size, getattr(torch, args.dtype), args.device, args.quantize, args.plain_weights)
     setup = Setup.of(args.size, model)
     # No lag limit: a CPU that falls behind still takes the soak's sessions (as `bench serve`).
     options = ServerOptions(host="127.0.0.1", port=0, max_sessions=args.max_sessions, max_lag_s=0)

@@ -34,6 +34,7 @@ from asrlive.engine._model import resolve_device
 from asrlive.engine._prompt import PromptIds
 from asrlive.engine._shapes import random_network
 from asrlive.engine._steps import Step, Steps
+from asrlive.engine._weights import weight_format
 from asrlive.streaming import Session, SessionOptions
 
 TOKENS_PER_SECOND = 3.0
@@ -98,6 +99,14 @@ class JobTiming:
     seconds: float  # compute
 
 
+WEIGHTS_LINE = {
+    "plain": "plain weights (F.linear)",
+    "packed": "oneDNN-packed weights",
+    "int8": "int8 weights (fbgemm)",
+    "int4": "int4 weights (LLM; encoder int8)",
+}
+
+
 @dataclass(frozen=True)
 class Setup:
     """What a bench ran on: its header line and its JSON ``model`` object say the same."""
@@ -108,21 +117,20 @@ class Setup:
     device_name: str  # the GPU's name; on a CPU, empty
     threads: int  # torch's CPU threads
     quantize: str | None
-    packed: bool  # oneDNN-packed weight copies, as the server keeps them on a CPU
+    weights: str  # the LLM's weight format (engine/_weights.py): plain, packed, int8, int4
 
     @classmethod
     def of(cls, size: str, model: AsrModel) -> Setup:
         device = model.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         dtype = str(model.dtype).removeprefix("torch.")
-        return cls(size, dtype, str(device), name, torch.get_num_threads(), model.info.quantize, model.weights_packed)
+        info = model.info
+        return cls(size, dtype, str(device), name, torch.get_num_threads(), info.quantize, info.weights)
 
     def line(self) -> str:
         # On a CPU without quantization this is the line scripts have always read.
         where = f"{self.threads} threads" if self.device == "cpu" else f"{self.device} ({self.device_name})"
-        weights = f", {self.quantize} weights (torchao)" if self.quantize else ""
-        weights += ", oneDNN-packed weights" if self.packed else ""
-        return f"Qwen3-ASR {self.size} shapes, random weights, {self.dtype}, {where}{weights}"
+        return f"Qwen3-ASR {self.size} shapes, random weights, {self.dtype}, {where}, {WEIGHTS_LINE[self.weights]}"
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -132,16 +140,26 @@ class Setup:
             "device_name": self.device_name,
             "threads": self.threads,
             "quantize": self.quantize,
-            "packed_weights": self.packed,
+            "weights": self.weights,
+            "packed_weights": self.weights == "packed",
         }
 
 
-def bench_model(size: str, dtype: torch.dtype, device: str | None = None, quantize: str | None = None) -> AsrModel:
-    """A random-weight model of the true shapes, placed and quantized as the engine does a checkpoint."""
+def bench_model(
+    size: str, dtype: torch.dtype, device: str | None = None, quantize: str | None = None, plain_weights: bool = False
+) -> AsrModel:
+    """A random-weight model of the true shapes, in the weight format the engine picks for a checkpoint."""
     network = random_network(size, dtype)
-    info = ModelInfo(f"random-{size}", Path("."), "hf", dtype, device=resolve_device(device), quantize=quantize)
+    info = bench_info(f"random-{size}", dtype, device, quantize, plain_weights)
     extractor = Qwen3ASRFeatureExtractor()  # type: ignore[no-untyped-call]  # its __init__ is unannotated
-    return AsrModel(network, SimulatedText(), extractor, info)
+    return AsrModel.of_network(network, SimulatedText(), extractor, info)
+
+
+def bench_info(name: str, dtype: torch.dtype, device: str | None, quantize: str | None, plain: bool) -> ModelInfo:
+    """What ``AsrModel.load`` would decide for a checkpoint, for a network built in memory."""
+    torch_device = resolve_device(device)
+    weights = weight_format(dtype, torch_device, quantize, plain)
+    return ModelInfo(name, Path("."), "hf", dtype, torch_device, quantize, weights)
 
 
 def finite(value: float) -> float | None:
@@ -171,7 +189,8 @@ def run_asrlive(
 ) -> list[JobTiming]:
     """Stream ``audio`` as fast as possible; time every job the session hands out."""
     session = Session(SessionOptions(partial_interval_ms=interval_ms))
-    transcriber = ScriptedTranscriber(model, DecodingOptions(language="English"), PROMPT)
+    # The bench fixes the tokens decoded: a random-weight model's loops are part of the script, not cut.
+    transcriber = ScriptedTranscriber(model, DecodingOptions(language="English", cut_loops=False), PROMPT)
     timings: list[JobTiming] = []
     step = SAMPLE_RATE // 10
     for begin in range(0, audio.size + 1, step):
@@ -309,6 +328,7 @@ class StreamBenchOptions:
     audio: Path | None
     official: bool
     json: bool
+    plain_weights: bool = False  # F.linear over the weights as loaded (--plain-weights)
 
 
 def bench_stream(options: StreamBenchOptions) -> None:
@@ -326,8 +346,8 @@ def bench_stream(options: StreamBenchOptions) -> None:
 
 def _run_size(size: str, audio: np.ndarray, options: StreamBenchOptions) -> StreamResult:
     print(f"building a random-weight {size} network ...", file=sys.stderr, flush=True)
-    model = bench_model(size, options.dtype, options.device, options.quantize)
-    model.pack_weights()  # as the server does; the official algorithm runs on the same products
+    # The official algorithm runs on the same products.
+    model = bench_model(size, options.dtype, options.device, options.quantize, options.plain_weights)
     official_update(model, audio, 2.0)  # warm-up: first calls allocate and pick kernels
     timings = run_asrlive(model, audio, options.interval_ms, _progress(f"asrlive {size}", options.duration))
     measured: dict[float, float | None] = {}

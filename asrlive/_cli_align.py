@@ -18,12 +18,14 @@ from asrlive._cli_common import (
     add_aligner_option,
     add_device_options,
     add_dtype_option,
+    add_weights_cache_option,
     check_device_options,
     check_input_file,
     check_output_file,
     load_aligner,
     require_server_extra,
     warn,
+    weights_cache_dir,
 )
 from asrlive.clients._transcript import write_whole
 
@@ -54,6 +56,7 @@ def add_command(commands: Commands) -> None:
     add_aligner_option(cmd)
     add_dtype_option(cmd, "bfloat16 where the hardware computes in it, else float32")
     add_device_options(cmd)
+    add_weights_cache_option(cmd)
     cmd.add_argument("--format", choices=("json", "text"), default="json", help="(default: %(default)s)")
     cmd.add_argument("--output", metavar="FILE", default=None, help="write here (default: standard output)")
     cmd.set_defaults(run=run)
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         audio = load_audio(args.audio, on_warning=lambda message: warn("align", f"{message}; aligning what was read"))
     except (MissingSegmenter, AudioError) as exc:
         raise UsageError(str(exc)) from None
-    aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize)
+    cache = weights_cache_dir(args.weights_cache)
+    aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize, args.plain_weights, cache)
     from asrlive.engine._aligner import AlignmentError
 
     if sys.stderr.isatty():  # one forward, but minutes on a CPU for a long file: say what is going on

@@ -165,7 +165,9 @@ def _run_bench_engine(args: argparse.Namespace) -> int:
     dtype = _dtype(args)
     from asrlive._bench_engine import EngineBenchOptions, bench_engine
 
-    bench_engine(EngineBenchOptions(args.size, dtype, args.device, args.quantize, args.repeats, args.json))
+    bench_engine(
+        EngineBenchOptions(args.size, dtype, args.device, args.quantize, args.repeats, args.json, args.plain_weights)
+    )
     return 0
 
 
@@ -174,7 +176,9 @@ def _run_bench_align(args: argparse.Namespace) -> int:
     dtype = _dtype(args)
     from asrlive._bench_align import AlignBenchOptions, bench_align
 
-    bench_align(AlignBenchOptions(dtype, args.device, args.quantize, args.repeats, args.audio, args.json))
+    bench_align(
+        AlignBenchOptions(dtype, args.device, args.quantize, args.repeats, args.audio, args.json, args.plain_weights)
+    )
     return 0
 
 
@@ -189,6 +193,7 @@ def _run_bench_stream(args: argparse.Namespace) -> int:
         dtype=dtype,
         device=args.device,
         quantize=args.quantize,
+        plain_weights=args.plain_weights,
         duration=args.duration,
         interval_ms=args.partial_interval_ms,
         positions=positions,
@@ -212,6 +217,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         dtype=dtype,
         device=args.device,
         quantize=args.quantize,
+        plain_weights=args.plain_weights,
         counts=counts,
         batches=batches,
         duration=args.duration,
@@ -238,6 +244,7 @@ def _run_bench_soak(args: argparse.Namespace) -> int:
         dtype=str(dtype).removeprefix("torch."),
         device=args.device,
         quantize=args.quantize,
+        plain_weights=args.plain_weights,
         minutes=args.minutes,
         sessions=args.sessions,
         storm=args.disconnect_storm,

@@ -72,6 +72,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     add_dtype_option(parser, "bfloat16 where the hardware computes in it, else float32")
     add_device_options(parser)
+    add_weights_cache_option(parser)
 
 
 def add_aligner_option(parser: argparse.ArgumentParser, default_help: str | None = None) -> None:
@@ -85,6 +86,16 @@ def add_aligner_option(parser: argparse.ArgumentParser, default_help: str | None
         default=DEFAULT_ALIGNER if default_help is None else None,
         help="Qwen3-ForcedAligner for word timestamps: Hugging Face id or local checkpoint directory "
         f"(default: {default_help or DEFAULT_ALIGNER})",
+    )
+
+
+def add_loop_cut_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-loop-cut",
+        action="store_true",
+        help="decode on to the end of the answer or the token budget where the model repeats itself, "
+        "token-identical to transformers' generate (default: stop where the tokens repeat a pattern of up to "
+        "16 over the last 40 or more, keeping one copy)",
     )
 
 
@@ -103,9 +114,36 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=QUANTIZE_NAMES,
         default=None,
-        help="int8: weight-only int8 for the LLM's linear layers and head, through torchao (pip install torchao). "
-        "Off by default: its accuracy cannot be checked without real weights",
+        help="int8: 8-bit weights for the LLM and the audio encoder (fbgemm); int4: 4-bit weights for the LLM "
+        "(torchao + torch's int4 kernel), the encoder at 8 bits. Off by default: their accuracy cannot be "
+        "checked without real weights",
     )
+    parser.add_argument(
+        "--plain-weights",
+        action="store_true",
+        help="on a CPU, multiply by the weights as loaded (F.linear): bit-identical to transformers, decode "
+        "about 1.5x slower (default: oneDNN's packed layout, exact up to float32 rounding)",
+    )
+
+
+def add_weights_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the weights converted to the engine's layout here, so later starts map them instead of "
+        "converting again; 'none' turns it off (default: asrlive/weights in the Hugging Face home, "
+        "~/.cache/huggingface unless HF_HOME says otherwise)",
+    )
+
+
+def weights_cache_dir(value: str | None) -> Path | None:
+    """The directory --weights-cache names: the default one, or None for 'none'."""
+    if value is None:
+        from asrlive.engine._cache import default_cache_dir
+
+        return default_cache_dir()
+    return None if value.lower() == "none" else Path(value).expanduser()
 
 
 def check_device_options(device: str, quantize: str | None) -> torch.device:
@@ -161,7 +199,14 @@ def warn(command: str, message: str) -> None:
     print(f"asrlive {command}: {message}", file=sys.stderr, flush=True)
 
 
-def load_model(model: str, dtype: str, device: str = "auto", quantize: str | None = None) -> AsrModel:
+def load_model(
+    model: str,
+    dtype: str,
+    device: str = "auto",
+    quantize: str | None = None,
+    plain_weights: bool = False,
+    weights_cache: Path | None = None,
+) -> AsrModel:
     """Load the model for a command: a checkpoint that cannot be had is a usage error (exit 2).
 
     Call ``check_device_options`` first: the device and quantization are refused before any loading.
@@ -170,19 +215,26 @@ def load_model(model: str, dtype: str, device: str = "auto", quantize: str | Non
     from asrlive.engine import AsrModel, ModelLoadError
 
     try:
-        return AsrModel.load(model, dtype, device=device, quantize=quantize)
+        return AsrModel.load(model, dtype, device, quantize, plain_weights, weights_cache)
     except ModelLoadError as exc:
         raise UsageError(f"cannot load the model.\n{exc}") from None
 
 
-def load_aligner(aligner: str, dtype: str, device: str = "auto", quantize: str | None = None) -> Aligner:
+def load_aligner(
+    aligner: str,
+    dtype: str,
+    device: str = "auto",
+    quantize: str | None = None,
+    plain_weights: bool = False,
+    weights_cache: Path | None = None,
+) -> Aligner:
     """Load the forced aligner for a command, like ``load_model``: one that cannot be had is a usage error."""
     quiet_libraries()
     from asrlive.engine import ModelLoadError
     from asrlive.engine._aligner import Aligner
 
     try:
-        return Aligner.load(aligner, dtype, device=device, quantize=quantize)
+        return Aligner.load(aligner, dtype, device, quantize, plain_weights, weights_cache)
     except ModelLoadError as exc:
         raise UsageError(f"cannot load the aligner.\n{exc}") from None
 

@@ -12,6 +12,7 @@ from asrlive._cli_common import (
     EXIT_FAILED,
     UsageError,
     add_aligner_option,
+    add_loop_cut_option,
     add_model_options,
     check_device_options,
     check_input_file,
@@ -19,6 +20,7 @@ from asrlive._cli_common import (
     load_aligner,
     load_model,
     require_server_extra,
+    weights_cache_dir,
 )
 from asrlive.web import STREAM_PATH, ServerOptions
 
@@ -47,12 +49,7 @@ def _add_serve(commands: Commands) -> None:
     )
     add_model_options(cmd)
     add_aligner_option(cmd, default_help='none: sessions that ask for "timestamps" are refused')
-    cmd.add_argument(
-        "--plain-weights",
-        action="store_true",
-        help="on a CPU, multiply by the weights as loaded: bit-identical to transformers, half the memory, "
-        "decode about 1.5x slower (default: oneDNN-packed copies, exact up to float32 rounding)",
-    )
+    add_loop_cut_option(cmd)
     cmd.add_argument("--host", default=defaults.host, help="interface to listen on (default: %(default)s)")
     cmd.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port (default: %(default)s)")
     cmd.add_argument("--token", default=None, help="require this bearer token (header or ?token=)")
@@ -133,6 +130,7 @@ def _add_serve(commands: Commands) -> None:
 
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:
+    from asrlive.engine import DecodingOptions
     from asrlive.streaming import SessionOptions
 
     try:
@@ -155,6 +153,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
             keepalive_timeout_s=args.keepalive_timeout,
             max_connections=args.max_connections,
             session=SessionOptions(partial_interval_ms=args.partial_interval_ms),
+            decoding=DecodingOptions(cut_loops=not args.no_loop_cut),
         )
     except ValueError as exc:
         raise invalid_options(exc) from None
@@ -195,12 +194,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # websockets logs every WebSocket handshake: the server says what matters once.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
-    model = load_model(args.model, args.dtype, args.device, args.quantize)
-    aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize) if args.aligner else None
-    if not args.plain_weights and model.pack_weights():
-        if aligner is not None:
-            aligner.pack_weights()
-        logging.getLogger("asrlive.server").info("oneDNN-packed weight copies kept (exact up to float32 rounding)")
+    cache = weights_cache_dir(args.weights_cache)
+    model = load_model(args.model, args.dtype, args.device, args.quantize, args.plain_weights, cache)
+    aligner = None
+    if args.aligner:
+        aligner = load_aligner(args.aligner, args.dtype, args.device, args.quantize, args.plain_weights, cache)
     from asrlive.web import AsrServer, run_server
 
     server = AsrServer(model, options, aligner=aligner)

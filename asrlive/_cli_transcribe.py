@@ -24,6 +24,7 @@ from asrlive._cli_common import (
     EXIT_USAGE,
     UsageError,
     add_aligner_option,
+    add_loop_cut_option,
     add_model_options,
     check_device_options,
     check_input_file,
@@ -33,6 +34,7 @@ from asrlive._cli_common import (
     load_model,
     require_server_extra,
     warn,
+    weights_cache_dir,
 )
 from asrlive._words import words_json
 from asrlive.clients._transcript import write_whole
@@ -85,6 +87,7 @@ def add_command(commands: Commands) -> None:
         default=MAX_SEGMENT_SECONDS,
         help="longer audio is cut at its quietest points into pieces of at most this length (default: %(default)s)",
     )
+    add_loop_cut_option(cmd)
     cmd.add_argument(
         "--format",
         choices=FORMATS,
@@ -139,8 +142,12 @@ def run(args: argparse.Namespace) -> int:
     if args.aligner is not None and not args.timestamps:
         raise UsageError("--aligner: only with --timestamps")
     check_device_options(args.device, args.quantize)
-    model = load_model(args.model, args.dtype, args.device, args.quantize)
-    aligner = load_aligner(args.aligner or DEFAULT_ALIGNER, args.dtype, args.device) if args.timestamps else None
+    cache = weights_cache_dir(args.weights_cache)
+    model = load_model(args.model, args.dtype, args.device, args.quantize, args.plain_weights, cache)
+    aligner = None
+    if args.timestamps:
+        name = args.aligner or DEFAULT_ALIGNER
+        aligner = load_aligner(name, args.dtype, args.device, plain_weights=args.plain_weights, weights_cache=cache)
     from asrlive._audio import AudioError, load_audio
 
     failed = 0
@@ -213,6 +220,7 @@ def _decoding_options(args: argparse.Namespace) -> DecodingOptions:
             context=args.context,
             max_new_tokens=args.max_new_tokens,
             max_segment_seconds=args.max_segment_seconds,
+            cut_loops=not args.no_loop_cut,
         )
     except ValueError as exc:
         raise invalid_options(exc) from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,13 +38,14 @@ from ._align_text import (
     timestamp_ms,
     unit_times,
 )
-from ._checkpoint import ModelLoadError, load_aligner_network
+from ._checkpoint import ModelLoadError, check_kind, load_aligner_network, network_config
 from ._model import ASR_TOKEN_IDS, LoadedNetwork, ModelInfo, Tokenizer, load_feature_extractor, load_tokenizer
 from ._options import DEFAULT_ALIGNER
+from ._parts import Parts
 from ._steps import Step, Steps
 
 if TYPE_CHECKING:
-    from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForTokenClassification
+    from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForTokenClassification
 
 # The tokens of the aligner's prompt, at the ids the network was trained with (<timestamp>: the config's).
 _AUDIO_IDS = {name: ASR_TOKEN_IDS[name] for name in ("<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")}
@@ -70,18 +72,29 @@ class Aligner(LoadedNetwork):
 
     def __init__(
         self,
+        parts: Parts,
+        tokenizer: Tokenizer,
+        feature_extractor: Qwen3ASRFeatureExtractor,
+        info: ModelInfo,
+        timing: AlignerInfo,
+    ) -> None:
+        super().__init__(parts, tokenizer, feature_extractor, info)
+        self.timing = timing
+
+    @classmethod
+    def of_network(
+        cls,
         network: Qwen3ASRForTokenClassification,
         tokenizer: Tokenizer,
         feature_extractor: Qwen3ASRFeatureExtractor,
         info: ModelInfo,
         segment_ms: float,
-    ) -> None:
-        self.network = network
-        super().__init__(network, network.score, tokenizer, feature_extractor, info)
-        classes = network.config.num_labels
-        if not classes:
-            raise ModelLoadError(f"the aligner in {info.path} has no timestamp classes (num_labels)")
-        self.timing = AlignerInfo(classes, segment_ms, _timestamp_id(network))
+    ) -> Aligner:
+        """From a transformers network in memory (the benches' random one); the network is not kept."""
+        timing = _timing(network.config, segment_ms)
+        return cls(
+            Parts.of(network, network.score, info.weights, info.device), tokenizer, feature_extractor, info, timing
+        )
 
     @classmethod
     def load(
@@ -90,14 +103,25 @@ class Aligner(LoadedNetwork):
         dtype: str | None = None,
         device: str | None = None,
         quantize: str | None = None,
+        plain_weights: bool = False,
+        weights_cache: Path | None = None,
     ) -> Aligner:
-        """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible."""
-        checkpoint, info = cls._resolve(model, dtype, device, quantize)
-        network = load_aligner_network(checkpoint, info.dtype)
-        tokenizer = load_tokenizer(checkpoint.path, {**_AUDIO_IDS, "<timestamp>": _timestamp_id(network)})
-        extractor = load_feature_extractor(checkpoint.path, checkpoint.layout)
+        """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible.
+
+        Weight formats and ``weights_cache`` as ``AsrModel.load``.
+        """
+        checkpoint, info = cls._resolve(model, dtype, device, quantize, plain_weights)
+        check_kind(checkpoint, "aligner")
         assert checkpoint.segment_ms is not None  # read_checkpoint sets it for every aligner
-        return cls(network, tokenizer, extractor, info, checkpoint.segment_ms)
+        timing = _timing(network_config(checkpoint), checkpoint.segment_ms)
+        tokenizer = load_tokenizer(checkpoint.path, {**_AUDIO_IDS, "<timestamp>": timing.timestamp_id})
+        extractor = load_feature_extractor(checkpoint.path, checkpoint.layout)
+
+        def network() -> tuple[Qwen3ASRForTokenClassification, torch.nn.Linear]:
+            loaded = load_aligner_network(checkpoint, info.dtype)
+            return loaded, loaded.score
+
+        return cls(cls._parts(checkpoint, info, weights_cache, network), tokenizer, extractor, info, timing)
 
     def align(self, audio: np.ndarray, text: str, language: str | None) -> list[Word]:
         """Words of ``text`` with their times in ``audio`` (16 kHz mono float32), in seconds from its start.
@@ -111,11 +135,14 @@ class Aligner(LoadedNetwork):
         return self.run(alignment_steps(self, audio, text, language))
 
 
-def _timestamp_id(network: Qwen3ASRForTokenClassification) -> int:
-    token_id = network.config.timestamp_token_id
+def _timing(config: Qwen3ASRConfig, segment_ms: float) -> AlignerInfo:
+    """The head's classes and clock, and the <timestamp> token, from the network's config."""
+    if not config.num_labels:
+        raise ModelLoadError("the aligner's config.json has no timestamp classes (num_labels)")
+    token_id = config.timestamp_token_id
     if token_id is None:
         raise ModelLoadError("the aligner's config.json names no timestamp_token_id: the checkpoint is incomplete")
-    return int(token_id)
+    return AlignerInfo(config.num_labels, segment_ms, int(token_id))
 
 
 def check_alignable(timing: AlignerInfo, seconds: float, units: Sequence[str]) -> None:

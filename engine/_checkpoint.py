@@ -31,7 +31,7 @@ import torch
 from ._options import KNOWN_MODELS
 
 if TYPE_CHECKING:
-    from transformers import Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
 Layout = Literal["original", "hf"]
 Kind = Literal["asr", "aligner"]
@@ -204,11 +204,7 @@ def load_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASRForCondi
     """Build ``Qwen3ASRForConditionalGeneration`` from a recognizer checkpoint's weights, strictly."""
     from transformers import Qwen3ASRForConditionalGeneration
 
-    if checkpoint.kind != "asr":
-        raise ModelLoadError(
-            f"{checkpoint.path} is the Qwen3 forced aligner, not a speech recognizer: give it as --aligner, "
-            "and a Qwen3-ASR model as --model."
-        )
+    check_kind(checkpoint, "asr")
     return cast("Qwen3ASRForConditionalGeneration", _load(checkpoint, dtype, Qwen3ASRForConditionalGeneration))
 
 
@@ -216,24 +212,40 @@ def load_aligner_network(checkpoint: Checkpoint, dtype: torch.dtype) -> Qwen3ASR
     """Build ``Qwen3ASRForTokenClassification`` from a forced-aligner checkpoint's weights, strictly."""
     from transformers import Qwen3ASRForTokenClassification
 
-    if checkpoint.kind != "aligner":
-        raise ModelLoadError(
-            f"{checkpoint.path} is a speech recognizer, not the Qwen3 forced aligner "
-            "(such as Qwen/Qwen3-ForcedAligner-0.6B): give it as --model, and the aligner as --aligner."
-        )
+    check_kind(checkpoint, "aligner")
     return cast("Qwen3ASRForTokenClassification", _load(checkpoint, dtype, Qwen3ASRForTokenClassification))
 
 
-def _load(checkpoint: Checkpoint, dtype: torch.dtype, network_class: Any) -> Any:
+def check_kind(checkpoint: Checkpoint, kind: Kind) -> None:
+    """A recognizer given as the aligner, or the other way round, is told apart before any weight is read."""
+    if checkpoint.kind == kind:
+        return
+    if kind == "asr":
+        raise ModelLoadError(
+            f"{checkpoint.path} is the Qwen3 forced aligner, not a speech recognizer: give it as --aligner, "
+            "and a Qwen3-ASR model as --model."
+        )
+    raise ModelLoadError(
+        f"{checkpoint.path} is a speech recognizer, not the Qwen3 forced aligner "
+        "(such as Qwen/Qwen3-ForcedAligner-0.6B): give it as --model, and the aligner as --aligner."
+    )
+
+
+def network_config(checkpoint: Checkpoint) -> Qwen3ASRConfig:
+    """transformers' config of the network, from the checkpoint's (flat) config."""
     from transformers import Qwen3ASRConfig
 
+    try:
+        return Qwen3ASRConfig(**{k: v for k, v in checkpoint.config.items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"config.json of {checkpoint.path} is not a valid Qwen3-ASR config: {exc}") from None
+
+
+def _load(checkpoint: Checkpoint, dtype: torch.dtype, network_class: Any) -> Any:
     weights = sorted(checkpoint.path.glob("*.safetensors"))
     if not weights:
         raise ModelLoadError(f"{checkpoint.path} has no *.safetensors weight files.")
-    try:
-        config = Qwen3ASRConfig(**{k: v for k, v in checkpoint.config.items() if k != "model_type"})
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"config.json of {checkpoint.path} is not a valid Qwen3-ASR config: {exc}") from None
+    config = network_config(checkpoint)
     mapping = None
     if checkpoint.layout == "original":
         mapping = _ORIGINAL_ALIGNER_KEY_MAPPING if checkpoint.kind == "aligner" else _ORIGINAL_KEY_MAPPING

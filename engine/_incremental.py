@@ -11,7 +11,10 @@ For one utterance it keeps
 - the LLM KV cache of ``[prompt prefix, audio tokens of completed windows]``, which later tokens
   cannot change (causal attention);
 - the previous hypothesis, used as a draft: one prefill verifies it, greedy decoding continues
-  from the first token the model disagrees with.
+  from the first token the model disagrees with. Where the previous decode was cut at a loop
+  (``_loops``), the draft holds the loop as decoded up to the cut: verified again, it is found
+  again without a decode step. The rule is applied to the accepted draft as to new tokens, so
+  the cut falls where decoding from scratch puts it.
 
 An update yields its encoder windows and LLM forwards (``_steps``) so that a driver can batch them
 with other streams'. Abandoned at any yield, it leaves this state valid for the next update.
@@ -28,6 +31,7 @@ from asrlive._audio import SAMPLE_RATE
 
 from ._features import IncrementalMel
 from ._kvcache import KVCache
+from ._loops import without_loop
 from ._offline import token_budget
 from ._options import DecodingOptions
 from ._prompt import PromptIds, build_prompt, parse_answer
@@ -39,7 +43,7 @@ class Hypothesis:
     token_ids: tuple[int, ...]  # generated after the prompt, eos excluded
     language: str | None
     text: str
-    accepted: int  # tokens of the previous hypothesis confirmed by the verifying prefill
+    accepted: int  # tokens of the previous draft (hypothesis, loop included) confirmed by the verifying prefill
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,16 @@ class UtteranceDecoder:
     """Incremental state of one utterance: ``append`` audio, ``update`` for the current hypothesis."""
 
     def __init__(
-        self, model: Model, prompt: PromptIds, forced_language: str | None, prefix_cache: KVCache | None = None
+        self,
+        model: Model,
+        prompt: PromptIds,
+        forced_language: str | None,
+        prefix_cache: KVCache | None = None,
+        cut_loops: bool = True,
     ) -> None:
         self.model = model
         self.forced_language = forced_language
+        self.cut_loops = cut_loops
         self.mel = IncrementalMel(model.mel_filters)
         self.frames_per_chunk = model.frames_per_chunk
         self.frames_per_window = model.frames_per_window
@@ -66,7 +76,7 @@ class UtteranceDecoder:
         self._cache = prefix_cache.copy() if prefix_cache is not None else prefix_kv(model, prompt)
         self._prefix_len = len(prompt.prefix)
         self._kv_windows = 0  # completed windows whose audio tokens are in the KV cache
-        self.draft: list[int] = []
+        self.draft: list[int] = []  # the previous update's tokens, a loop it was cut at included
         self.windows_encoded = 0  # completed 8 s windows run through the encoder, re-encodes included
         self.chunks_computed = 0  # 1 s chunks run through the front end, the open one included
 
@@ -111,6 +121,8 @@ class UtteranceDecoder:
         # 6. Continue greedily from the model's own choice at the first disagreement.
         tokens = yield from self._continue(predicted[accepted], draft[:accepted], max_new_tokens)
         self.draft = tokens
+        if self.cut_loops:
+            tokens = without_loop(tokens)
         language, text = parse_answer(self.model.decode_text(tokens), self.forced_language)
         return Hypothesis(tuple(tokens), language, text, accepted)
 
@@ -157,7 +169,7 @@ class UtteranceDecoder:
         return accepted
 
     def _continue(self, next_id: int, tokens: list[int], max_new_tokens: int) -> Steps[list[int]]:
-        return greedy_steps(self.model, next_id, self._cache, tokens, max_new_tokens)
+        return greedy_steps(self.model, next_id, self._cache, tokens, max_new_tokens, self.cut_loops)
 
 
 def _chunk(features: torch.Tensor, index: int, size: int) -> torch.Tensor:
@@ -211,7 +223,8 @@ class StreamTranscriber:
     def _new_decoder(self) -> UtteranceDecoder:
         if self._prefix_cache is None:
             self._prefix_cache = prefix_kv(self.model, self._prompt)
-        return self.decoder_class(self.model, self._prompt, self.options.language, self._prefix_cache)
+        options = self.options
+        return self.decoder_class(self.model, self._prompt, options.language, self._prefix_cache, options.cut_loops)
 
     @property
     def open_utterances(self) -> int:

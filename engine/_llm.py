@@ -17,7 +17,7 @@ order than a one-row one); a sequence alone computes what ``generate`` computes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -26,26 +26,37 @@ import torch.nn.functional as F
 
 from ._kvcache import KVCache
 from ._steps import Step
+from ._store import Reader, Writer
+from ._weights import Matrix, to_matrix
 
 if TYPE_CHECKING:
     from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3Model
-
-# ``linear(x, weight)``: plain ``F.linear``, or through packed or quantized weights.
-Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Layer:
     """One decoder layer's weights, fused where rows share an input."""
 
-    qkv: torch.Tensor  # (heads * head_dim + 2 * kv heads * head_dim, hidden)
-    o: torch.Tensor  # (hidden, heads * head_dim)
-    gate_up: torch.Tensor  # (2 * ffn, hidden)
-    down: torch.Tensor  # (hidden, ffn)
+    qkv: Matrix  # (heads * head_dim + 2 * kv heads * head_dim, hidden)
+    o: Matrix  # (hidden, heads * head_dim)
+    gate_up: Matrix  # (2 * ffn, hidden)
+    down: Matrix  # (hidden, ffn)
     input_norm: torch.Tensor  # (hidden,)
     post_norm: torch.Tensor  # (hidden,)
     q_norm: torch.Tensor  # (head_dim,)
     k_norm: torch.Tensor  # (head_dim,)
+
+    def write(self, out: Writer, prefix: str) -> None:
+        for name in ("qkv", "o", "gate_up", "down"):
+            out.matrix(f"{prefix}.{name}", getattr(self, name))
+        for name in ("input_norm", "post_norm", "q_norm", "k_norm"):
+            out.tensor(f"{prefix}.{name}", getattr(self, name))
+
+    @classmethod
+    def read(cls, source: Reader, prefix: str) -> Layer:
+        qkv, o, gate_up, down = (source.matrix(f"{prefix}.{name}") for name in ("qkv", "o", "gate_up", "down"))
+        norms = [source.tensor(f"{prefix}.{name}") for name in ("input_norm", "post_norm", "q_norm", "k_norm")]
+        return cls(qkv, o, gate_up, down, *norms)
 
 
 @dataclass(frozen=True)
@@ -60,15 +71,29 @@ class Shape:
 
 
 class LeanLM:
-    """Drives a transformers ``Qwen3Model``'s weights over several (embeds, cache) pairs at once."""
+    """Drives a Qwen3 decoder's weights over several (embeds, cache) pairs at once.
 
-    def __init__(self, language_model: Qwen3Model, lm_head: torch.nn.Linear) -> None:
+    Built from transformers' ``Qwen3Model`` (``of``: the weights taken over in a format of
+    ``_weights``, the modules not kept) or from the weights cache (``read``).
+    """
+
+    def __init__(self, shape: Shape, layers: list[Layer], norm: torch.Tensor, head: Matrix, rotary: _Rotary) -> None:
+        self.shape = shape
+        self.layers = layers
+        self.norm = norm  # (hidden,)
+        self.head = head  # (vocab, hidden)
+        self.dtype, self.device = norm.dtype, norm.device
+        self.scaling = shape.head_dim**-0.5
+        self._rotary = rotary
+
+    @classmethod
+    def of(cls, language_model: Qwen3Model, lm_head: torch.nn.Linear, form: str) -> LeanLM:
         config = language_model.config
         if config.layer_types is not None and any(kind != "full_attention" for kind in config.layer_types):
             raise ValueError("only full-attention layers are supported (Qwen3-ASR has no sliding windows)")
         if config.hidden_act != "silu" or getattr(config, "attention_bias", False):
             raise ValueError("the decoder must be Qwen3's: silu MLP, attention without bias")
-        self.shape = Shape(
+        shape = Shape(
             config.num_hidden_layers,
             config.hidden_size,
             config.num_attention_heads,
@@ -78,20 +103,42 @@ class LeanLM:
             config.rms_norm_eps,
         )
         # torch's ModuleList is not generic (its items are typed Module): these are the decoder layers.
-        self.layers = [_fuse(layer) for layer in cast("Iterable[Qwen3DecoderLayer]", language_model.layers)]
-        self.norm = language_model.norm.weight
-        self.head = lm_head.weight  # (vocab, hidden); the embedding matrix itself when tied
-        self.scaling = self.shape.head_dim**-0.5
-        self._rotary = _Rotary(language_model)
-        self.linear: Linear = F.linear
+        layers = [_fuse(layer, form) for layer in cast("Iterable[Qwen3DecoderLayer]", language_model.layers)]
+        # A tied head's plain matrix is the embedding table itself: no copy. oneDNN's layout gains
+        # nothing on it (one row: 35.8 ms against 36.4, 0.6B fp32, AVX2), so a tied head stays plain
+        # rather than be held twice; quantized, it is a quarter or an eighth of the table.
+        tied = lm_head.weight.data_ptr() == language_model.embed_tokens.weight.data_ptr()
+        head = to_matrix(lm_head.weight, None, "plain" if tied and form == "packed" else form)
+        rotary = language_model.rotary_emb
+        return cls(shape, layers, language_model.norm.weight, head, _Rotary(rotary.inv_freq, rotary.attention_scaling))
+
+    def write(self, out: Writer) -> None:
+        for name, value in vars(self.shape).items():
+            out.scalar(f"llm.shape.{name}", value)
+        for index, layer in enumerate(self.layers):
+            layer.write(out, f"llm.layers.{index}")
+        out.tensor("llm.norm", self.norm)
+        out.matrix("llm.head", self.head)
+        out.tensor("llm.inv_freq", self._rotary.inv_freq)
+        out.scalar("llm.rotary_scaling", self._rotary.scaling)
+
+    @classmethod
+    def read(cls, source: Reader) -> LeanLM:
+        layers, hidden, heads, kv_heads, head_dim, ffn = (
+            source.count(f"llm.shape.{name}") for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn")
+        )
+        shape = Shape(layers, hidden, heads, kv_heads, head_dim, ffn, source.scalar("llm.shape.eps"))
+        decoder = [Layer.read(source, f"llm.layers.{index}") for index in range(shape.layers)]
+        rotary = _Rotary(source.tensor("llm.inv_freq"), source.scalar("llm.rotary_scaling"))
+        return cls(shape, decoder, source.tensor("llm.norm"), source.matrix("llm.head"), rotary)
 
     def new_cache(self) -> KVCache:
         s = self.shape
-        return KVCache(s.layers, s.kv_heads, s.head_dim, self.head.dtype, self.head.device)
+        return KVCache(s.layers, s.kv_heads, s.head_dim, self.dtype, self.device)
 
-    def weights(self) -> list[torch.Tensor]:
+    def matrices(self) -> list[Matrix]:
         """Every matrix a decode step multiplies by, as stored here (fused)."""
-        return [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
 
     def __call__(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         if len({id(step.cache) for step in steps}) != len(steps):
@@ -138,7 +185,7 @@ class LeanLM:
     ) -> torch.Tensor:
         s = self.shape
         rows = normed.shape[0]
-        qkv = self.linear(normed, layer.qkv)  # (rows, (heads + 2 kv heads) * head_dim)
+        qkv = layer.qkv(normed)  # (rows, (heads + 2 kv heads) * head_dim)
         widths = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
         query, key, value = qkv.split(widths, -1)  # type: ignore[no-untyped-call]  # torch: unannotated
         query = _rotate(_rms_norm(query.view(rows, s.heads, s.head_dim), layer.q_norm, s.eps), cos, sin)
@@ -152,7 +199,7 @@ class LeanLM:
             outputs.append(self._sdpa(query[part], keys, values, mask))  # (n, heads * head_dim)
             begin += n
         merged = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        return self.linear(merged, layer.o)
+        return layer.o(merged)
 
     def _sdpa(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
@@ -174,8 +221,8 @@ class LeanLM:
         return out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim)
 
     def _mlp(self, layer: Layer, normed: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear(normed, layer.gate_up).chunk(2, dim=-1)  # (rows, ffn) each
-        return self.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(normed).chunk(2, dim=-1)  # (rows, ffn) each
+        return layer.down(F.silu(gate) * up)
 
     def _greedy(self, hidden: torch.Tensor, steps: Sequence[Step], lengths: list[int]) -> list[torch.Tensor]:
         # With one wanted row this is the one-row product that generate's decode steps compute.
@@ -183,22 +230,23 @@ class LeanLM:
         wanted = torch.cat([torch.arange(end - step.n_logits, end) for end, step in zip(ends, steps, strict=True)])
         if wanted.numel() == 0:
             return [torch.empty(0, dtype=torch.long) for _ in steps]
-        ids = self.linear(hidden[wanted.to(hidden.device)], self.head).argmax(dim=-1).cpu()  # (wanted,)
+        ids = self.head(hidden[wanted.to(hidden.device)]).argmax(dim=-1).cpu()  # (wanted,)
         return list(ids.split([step.n_logits for step in steps]))  # type: ignore[no-untyped-call]  # torch: unannotated
 
 
-def _fuse(layer: Qwen3DecoderLayer) -> Layer:
-    """Fused weights; the module's own weights become views of them, so nothing is held twice."""
+def _fuse(layer: Qwen3DecoderLayer, form: str) -> Layer:
+    """Fused weights in ``form``; a plain one is shared with the module (its weights become views), so
+    nothing is held twice while the module lives."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
     _share(qkv, [attn.q_proj, attn.k_proj, attn.v_proj])
     _share(gate_up, [mlp.gate_proj, mlp.up_proj])
     return Layer(
-        qkv,
-        attn.o_proj.weight,
-        gate_up,
-        mlp.down_proj.weight,
+        to_matrix(qkv, None, form),
+        to_matrix(attn.o_proj.weight, None, form),
+        to_matrix(gate_up, None, form),
+        to_matrix(mlp.down_proj.weight, None, form),
         layer.input_layernorm.weight,
         layer.post_attention_layernorm.weight,
         attn.q_norm.weight,
@@ -241,10 +289,9 @@ def _mask(start: int, n: int, device: torch.device) -> torch.Tensor | None:
 class _Rotary:
     """cos/sin tables by position, computed once (grown by doubling) exactly as transformers computes them."""
 
-    def __init__(self, language_model: Qwen3Model) -> None:
-        rotary = language_model.rotary_emb
-        self._inv_freq: torch.Tensor = rotary.inv_freq.float()  # (head_dim / 2,)
-        self._scaling = float(rotary.attention_scaling)
+    def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
+        self.inv_freq = inv_freq.float()  # (head_dim / 2,)
+        self.scaling = float(scaling)
         self._cos = self._sin = torch.empty(0)
         self._key: tuple[torch.dtype, torch.device] | None = None
 
@@ -258,9 +305,9 @@ class _Rotary:
         return self._cos[index], self._sin[index]
 
     def _build(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        inv_freq = self._inv_freq.to(device)
+        inv_freq = self.inv_freq.to(device)
         freqs = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv_freq[None]  # (size, d/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (size, head_dim)
-        self._cos = (angles.cos() * self._scaling).to(dtype)
-        self._sin = (angles.sin() * self._scaling).to(dtype)
+        self._cos = (angles.cos() * self.scaling).to(dtype)
+        self._sin = (angles.sin() * self.scaling).to(dtype)
         self._key = (dtype, device)

@@ -8,28 +8,28 @@ weights of a transformers network. ``AsrModel`` adds greedy decoding of the voca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from asrlive._audio import SAMPLE_RATE
 
-from ._checkpoint import Checkpoint, ModelLoadError, load_network, read_checkpoint, resolve_model_dir
-from ._encoder import Encoder
+from ._cache import cached_parts
+from ._checkpoint import Checkpoint, ModelLoadError, check_kind, load_network, read_checkpoint, resolve_model_dir
 from ._kvcache import KVCache
-from ._llm import LeanLM
 from ._options import DEFAULT_MODEL, DEVICE_HELP, DTYPE_NAMES
+from ._parts import Parts
 from ._prompt import PromptIds, TextEncoder
 from ._steps import Encode, Step, Steps, run
-from ._weights import PackedLinear, can_pack_weights, check_quantize, quantize_weights, weight_bytes
+from ._weights import check_quantize, weight_format
 
 if TYPE_CHECKING:
     from transformers import Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
-    from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASRModel
 
 T = TypeVar("T")
 
@@ -93,38 +93,47 @@ class ModelInfo:
     layout: str  # "original" or "hf"
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")
-    quantize: str | None = None  # "int8": weight-only int8 LLM linears and head
+    quantize: str | None = None  # "int8" or "int4": the LLM's linears and head (the encoder at 8 bits)
+    weights: str = "plain"  # the LLM's weight format (engine/_weights.py): plain, packed, int8, int4
 
 
 class LoadedNetwork:
     """The encoder and LLM of a Qwen3-ASR-family network, ready for inference. Not thread-safe: one thread drives it.
 
-    transformers' network holds the weights (its ``model`` is the ``Qwen3ASRModel``; ``head`` the
-    output layer); the engine runs them through its own drivers (``Encoder``, ``LeanLM``).
+    The weights of transformers' network are taken over by the engine's own drivers (``Parts``:
+    ``Encoder``, ``LeanLM``) in the format ``info.weights``, or read back from the weights cache;
+    the network itself is not kept, so each weight is held once.
     """
 
     def __init__(
-        self,
-        network: Qwen3ASRForConditionalGeneration | Qwen3ASRForTokenClassification,
-        head: torch.nn.Linear,
-        tokenizer: Tokenizer,
-        feature_extractor: Qwen3ASRFeatureExtractor,
-        info: ModelInfo,
-    ) -> None:
-        # Inference only: no caller, inside torch.inference_mode or not, should build autograd graphs.
-        network.requires_grad_(False)
-        network.to(info.device)  # type: ignore[arg-type]  # transformers' @wraps-typed to() leaves self unbound
-        body: Qwen3ASRModel = network.model
+        self, parts: Parts, tokenizer: Tokenizer, feature_extractor: Qwen3ASRFeatureExtractor, info: ModelInfo
+    ):
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.info = info
-        if getattr(head, "bias", None) is not None:  # (torch types a Linear's bias as always present)
-            raise ModelLoadError(f"the output layer of {info.path} has a bias, which Qwen3-ASR checkpoints do not have")
-        self._embed_tokens = body.get_input_embeddings()
-        self.encoder = Encoder(body.audio_tower, body.multi_modal_projector)
-        self.llm = LeanLM(body.language_model, head)
-        if info.quantize is not None:
-            quantize_weights(self.llm, info.quantize)
+        self._embedding = parts.embedding  # (vocab, hidden)
+        self.encoder = parts.encoder
+        self.llm = parts.llm
+
+    @staticmethod
+    def _parts(
+        checkpoint: Checkpoint,
+        info: ModelInfo,
+        weights_cache: Path | None,
+        network: Callable[
+            [], tuple[Qwen3ASRForConditionalGeneration | Qwen3ASRForTokenClassification, torch.nn.Linear]
+        ],
+    ) -> Parts:
+        """The weights in ``info.weights``: from the weights cache when it has them, else through transformers."""
+
+        def build() -> Parts:
+            loaded, head = network()
+            return Parts.of(loaded, head, info.weights, info.device)
+
+        if weights_cache is None or info.device.type != "cpu":
+            return build()
+        description = {"kind": checkpoint.kind, "dtype": str(info.dtype), "weights": info.weights}
+        return cached_parts(weights_cache, checkpoint, description, build)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,34 +160,18 @@ class LoadedNetwork:
         filters: np.ndarray = self.feature_extractor.mel_filters  # untyped in transformers
         return filters
 
-    def pack_weights(self) -> bool:
-        """Multiply by oneDNN-packed copies of the LLM weights (see ``_weights``), where possible.
-
-        About twice as fast on a CPU, exact up to float32 rounding, and the LLM's weight memory once more.
-        """
-        if self.device.type != "cpu" or self.info.quantize is not None or not can_pack_weights(self.dtype):
-            return False
-        self.llm.linear = PackedLinear(self.llm.weights())
-        return True
-
-    @property
-    def weights_packed(self) -> bool:
-        return isinstance(self.llm.linear, PackedLinear)
-
-    def decode_weight_bytes(self) -> int:
-        """Bytes of weights one decode step reads, as the engine stores them (fused, maybe quantized)."""
-        return sum(weight_bytes(w) for w in self.llm.weights())
-
     @staticmethod
     def _resolve(
-        model: str, dtype: str | None, device: str | None, quantize: str | None
+        model: str, dtype: str | None, device: str | None, quantize: str | None, plain_weights: bool
     ) -> tuple[Checkpoint, ModelInfo]:
         """Where the checkpoint is and how to run it; every refusal before a weight is read."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         check_quantize(quantize)
+        weights = weight_format(torch_dtype, torch_device, quantize, plain_weights)
         checkpoint = read_checkpoint(resolve_model_dir(model))
-        return checkpoint, ModelInfo(model, checkpoint.path, checkpoint.layout, torch_dtype, torch_device, quantize)
+        info = ModelInfo(model, checkpoint.path, checkpoint.layout, torch_dtype, torch_device, quantize, weights)
+        return checkpoint, info
 
     # -- audio ---------------------------------------------------------------------------------
 
@@ -231,8 +224,7 @@ class LoadedNetwork:
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """(len(token_ids), hidden)"""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        embeds: torch.Tensor = self._embed_tokens(ids)  # Module call: Any
-        return embeds
+        return F.embedding(ids, self._embedding).to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, n_logits: int) -> torch.Tensor:
@@ -264,15 +256,16 @@ class LoadedNetwork:
 class AsrModel(LoadedNetwork):
     """A Qwen3-ASR speech recognizer (the engine's ``Model``): greedy decoding over the vocabulary."""
 
-    def __init__(
-        self,
+    @classmethod
+    def of_network(
+        cls,
         network: Qwen3ASRForConditionalGeneration,
         tokenizer: Tokenizer,
         feature_extractor: Qwen3ASRFeatureExtractor,
         info: ModelInfo,
-    ) -> None:
-        self.network = network
-        super().__init__(network, network.lm_head, tokenizer, feature_extractor, info)
+    ) -> AsrModel:
+        """From a transformers network in memory (the benches' random ones); the network is not kept."""
+        return cls(Parts.of(network, network.lm_head, info.weights, info.device), tokenizer, feature_extractor, info)
 
     @classmethod
     def load(
@@ -281,17 +274,25 @@ class AsrModel(LoadedNetwork):
         dtype: str | None = None,
         device: str | None = None,
         quantize: str | None = None,
+        plain_weights: bool = False,
+        weights_cache: Path | None = None,
     ) -> AsrModel:
-        """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible."""
-        checkpoint, info = cls._resolve(model, dtype, device, quantize)
-        network = load_network(checkpoint, info.dtype)
-        tokenizer = load_tokenizer(checkpoint.path, ASR_TOKEN_IDS)
-        return cls(network, tokenizer, load_feature_extractor(checkpoint.path, checkpoint.layout), info)
+        """Load from a local directory, the Hugging Face cache, or the hub; raise ModelLoadError if impossible.
 
-    def weight_matrices(self) -> list[torch.Tensor]:
-        """The LLM's linear weight matrices as the checkpoint lays them out (q, k, v, o, gate, up, down; head)."""
-        matrices = [m.weight for m in self.network.model.language_model.modules() if isinstance(m, torch.nn.Linear)]
-        return [*matrices, self.network.lm_head.weight]
+        The weights are multiplied in the fastest format this machine has (``_weights``), exact up
+        to float32 rounding; ``plain_weights`` keeps transformers' own products, bit for bit. With
+        ``weights_cache`` (a directory) the converted weights are kept there for the next start (``_cache``).
+        """
+        checkpoint, info = cls._resolve(model, dtype, device, quantize, plain_weights)
+        check_kind(checkpoint, "asr")
+        tokenizer = load_tokenizer(checkpoint.path, ASR_TOKEN_IDS)
+
+        def network() -> tuple[Qwen3ASRForConditionalGeneration, torch.nn.Linear]:
+            loaded = load_network(checkpoint, info.dtype)
+            return loaded, loaded.lm_head
+
+        parts = cls._parts(checkpoint, info, weights_cache, network)
+        return cls(parts, tokenizer, load_feature_extractor(checkpoint.path, checkpoint.layout), info)
 
     def prompt_embeddings(self, prompt: PromptIds, audio_embeds: torch.Tensor) -> torch.Tensor:
         """(prefix + n_audio + suffix, hidden): audio embeddings in place of the <|audio_pad|> tokens."""

@@ -12,6 +12,7 @@ from asrlive._audio import SAMPLE_RATE
 from asrlive._words import Alignment
 
 from ._aligner import Aligner
+from ._loops import without_loop
 from ._model import AsrModel
 from ._options import DecodingOptions
 from ._prompt import PromptIds, build_prompt, parse_answer
@@ -93,13 +94,15 @@ def piece_steps(model: AsrModel, prompt: PromptIds, piece: np.ndarray, options: 
     """The greedy answer for one piece as a computation (``_steps``): the ids after the prompt, eos excluded.
 
     Run alone it computes what ``generate`` does: one encoder pass per 8 s attention window, the
-    prefill of the whole prompt, then one token per step.
+    prefill of the whole prompt, then one token per step; with ``options.cut_loops`` its answer
+    cut where it first loops (``_loops``).
     """
     embeds = model.prompt_embeddings(prompt, (yield from model.audio_steps(piece)))
     cache = model.new_cache()
     next_id = int((yield Step(embeds, cache, 1))[0])
     budget = token_budget(piece.size / SAMPLE_RATE, options)
-    return (yield from greedy_steps(model, next_id, cache, [], budget))
+    tokens = yield from greedy_steps(model, next_id, cache, [], budget, options.cut_loops)
+    return without_loop(tokens) if options.cut_loops else tokens
 
 
 def make_segment(model: AsrModel, options: DecodingOptions, start: int, end: int, ids: list[int]) -> Segment:

@@ -9,7 +9,7 @@ KNOWN_MODELS = ("Qwen/Qwen3-ASR-0.6B", "Qwen/Qwen3-ASR-1.7B")
 DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
 DTYPE_NAMES = ("float32", "bfloat16")
 DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
-QUANTIZE_NAMES = ("int8",)  # weight-only, LLM linears and head (torchao)
+QUANTIZE_NAMES = ("int8", "int4")  # LLM linears and head; the encoder at 8 bits (engine/_weights.py)
 MAX_SEGMENT_SECONDS = 60.0
 
 
@@ -19,6 +19,7 @@ class DecodingOptions:
     context: str = ""  # free text for the system turn: hotwords, domain terms
     max_new_tokens: int | None = None  # None: a budget proportional to the audio length
     max_segment_seconds: float = MAX_SEGMENT_SECONDS  # longer audio is cut at its quietest points
+    cut_loops: bool = True  # stop a decode that repeats a pattern (engine/_loops.py); off: exactly `generate`
 
     def __post_init__(self) -> None:
         if self.language is not None:

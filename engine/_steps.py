@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ._kvcache import KVCache
+from ._loops import first_loop, loop_at
 from ._prompt import TextEncoder
 
 T = TypeVar("T")
@@ -78,12 +79,22 @@ EOS_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
 
 
 def greedy_steps(
-    model: Model, next_id: int, cache: KVCache, tokens: list[int], max_new_tokens: int
+    model: Model, next_id: int, cache: KVCache, tokens: list[int], max_new_tokens: int, cut_loops: bool = True
 ) -> Steps[list[int]]:
-    """Append greedy tokens, starting with ``next_id``, until eos or ``max_new_tokens`` in all."""
+    """Append greedy tokens, starting with ``next_id``, until eos or ``max_new_tokens`` in all.
+
+    With ``cut_loops`` it also stops where the tokens first end in a loop (``_loops``), the given
+    ``tokens`` included (a streaming draft may already loop), and returns the tokens up to there:
+    ``without_loop`` of the result is what the decode keeps. The loop is left in because a
+    streaming update uses it as its draft, so the next update verifies it instead of decoding it.
+    """
     tokens = list(tokens)
+    if cut_loops and (loop := first_loop(tokens)) is not None:
+        return tokens[: loop.end]
     while len(tokens) < max_new_tokens and next_id not in EOS_IDS:
         tokens.append(next_id)
+        if cut_loops and loop_at(tokens, len(tokens)) is not None:
+            break
         if len(tokens) < max_new_tokens:
             next_id = int((yield Step(model.embed([next_id]), cache, 1))[0])
     return tokens

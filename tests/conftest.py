@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+# The commands' weights cache lives in the Hugging Face home: the tests', not the user's. Set
+# before anything imports huggingface_hub, which reads it once.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="asrlive-tests-hf-")
 
 import numpy as np
 import pytest
@@ -35,6 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -65,7 +76,7 @@ def load_model(checkpoints):
 
     def load(layout: str, dtype: str = "float32") -> AsrModel:
         if (layout, dtype) not in cache:
-            cache[layout, dtype] = AsrModel.load(str(checkpoints[layout]), dtype)
+            cache[layout, dtype] = AsrModel.load(str(checkpoints[layout]), dtype, plain_weights=True)
         return cache[layout, dtype]
 
     return load
@@ -122,7 +133,7 @@ def load_aligner(aligners):
 
     def load(layout: str = "hf") -> Aligner:
         if layout not in cache:
-            cache[layout] = Aligner.load(str(aligners[layout]), "float32")
+            cache[layout] = Aligner.load(str(aligners[layout]), "float32", plain_weights=True)
         return cache[layout]
 
     return load

@@ -80,7 +80,7 @@ async def test_replicas_behind_haproxy(checkpoints, speech, tmp_path):
         for replica in replicas:
             await replica.stop()
     assert stopped == 0, "\n".join(replicas[0].log)
-    _assert_whole(clients, AsrModel.load(str(model_dir), "float32"))
+    _assert_whole(clients, AsrModel.load(str(model_dir), "float32", plain_weights=True))
 
 
 async def _scenario(balancer: HAProxy, replicas: list[ServerProcess], clients: list[Client]) -> None:

@@ -7,9 +7,10 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, Qwen3ASRForConditionalGeneration
 
 from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions, StreamTranscriber, run_batch
+from asrlive.engine._checkpoint import load_network, read_checkpoint
 from asrlive.engine._steps import Step
 
 PROMPTS = [
@@ -26,23 +27,25 @@ def _cache_argument(module: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def _transformers_pass(model: AsrModel, embeds: torch.Tensor, cache: DynamicCache) -> int:
-    language_model = model.network.model.language_model
+def _transformers_pass(network: Qwen3ASRForConditionalGeneration, embeds: torch.Tensor, cache: DynamicCache) -> int:
+    language_model = network.model.language_model
     kwargs = {_cache_argument(language_model): cache}
     hidden = language_model(inputs_embeds=embeds[None], use_cache=True, **kwargs)
-    return int(model.network.lm_head(hidden.last_hidden_state[0, -1:]).argmax(-1)[0])
+    return int(network.lm_head(hidden.last_hidden_state[0, -1:]).argmax(-1)[0])
 
 
-def test_one_sequence_is_bit_identical_to_transformers(load_model):
+def test_one_sequence_is_bit_identical_to_transformers(load_model, checkpoints):
     model = load_model("hf")
+    # transformers' own network on the same file (the engine keeps none of its modules).
+    network = load_network(read_checkpoint(checkpoints["hf"]), torch.float32)
     torch.manual_seed(1)
     hidden = model.hidden_size
-    ours, theirs = model.new_cache(), DynamicCache(config=model.network.config.text_config)
+    ours, theirs = model.new_cache(), DynamicCache(config=network.config.text_config)
     # Prefill into an empty cache, prefill after a cache, then decode steps.
     with torch.inference_mode():
         for rows in (37, 12, 1, 1, 1):
             embeds = torch.randn(rows, hidden)
-            assert int(model.forward(embeds, ours, 1)[0]) == _transformers_pass(model, embeds, theirs)
+            assert int(model.forward(embeds, ours, 1)[0]) == _transformers_pass(network, embeds, theirs)
             for index, reference in enumerate(theirs.layers):
                 keys, values = ours.layer(index)  # (kv heads, length, head_dim)
                 assert torch.equal(keys, reference.keys[0]) and torch.equal(values, reference.values[0])
@@ -64,8 +67,7 @@ def test_batched_streams_get_their_own_results(load_model, checkpoints, speech, 
     """Five streams with different prompts and audio lengths, batched: each gets what it gets alone,
     partial after partial (the verified drafts and truncated caches of a stream stay its own)."""
     model = AsrModel.load(str(checkpoints["hf"]), "float32") if packed else load_model("hf")
-    if packed:
-        assert model.pack_weights()
+    assert model.info.weights == ("packed" if packed else "plain")
     clips = _clips(speech)
     alone = [StreamTranscriber(model, options) for options in PROMPTS]
     together = [StreamTranscriber(model, options) for options in PROMPTS]

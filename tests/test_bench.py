@@ -24,7 +24,7 @@ from .checkpoints import random_network as tiny_network
 
 BENCHES = [["bench", "engine"], ["bench", "align"], ["bench", "stream"], ["bench", "serve"], ["bench", "soak"]]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-SETUP = Setup("0.6B", "bfloat16", "cpu", "", 2, None, False)
+SETUP = Setup("0.6B", "bfloat16", "cpu", "", 2, None, "plain")
 
 
 @no_cuda
@@ -42,21 +42,23 @@ def test_an_unknown_device_is_refused(bench, capsys):
 
 
 @pytest.mark.parametrize("bench", BENCHES)
-def test_quantize_without_torchao_says_how_to_get_it(bench, monkeypatch, capsys):
+def test_int4_without_torchao_says_how_to_get_it(bench, monkeypatch, capsys):
     # As on a machine without the package (an entry of None makes the import fail).
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    assert main([*bench, "--quantize", "int8"]) == 2
+    monkeypatch.setitem(sys.modules, "torchao.quantization.utils", None)
+    assert main([*bench, "--quantize", "int4"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("asrlive bench: --quantize int8 needs the torchao package")
+    assert err.startswith("asrlive bench: --quantize int4 needs the torchao package")
     assert "pip install torchao" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("bench", BENCHES)
-def test_quantize_names_only_int8(bench, capsys):
+def test_quantize_names_int8_and_int4(bench, capsys):
     with pytest.raises(SystemExit) as exit:
-        main([*bench, "--quantize", "int4"])
-    assert exit.value.code == 2 and "argument --quantize: invalid choice: 'int4'" in capsys.readouterr().err
+        main([*bench, "--quantize", "int2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "argument --quantize: invalid choice: 'int2' (choose from int8, int4)" in err
 
 
 @pytest.mark.parametrize(
@@ -109,8 +111,10 @@ def test_stream_table_keeps_its_lines_and_json_has_the_same_figures():
 
 
 def test_the_model_line_says_where_it_ran():
-    gpu = Setup("1.7B", "bfloat16", "cuda:0", "NVIDIA H200", 16, "int8", False)
-    assert gpu.line() == "Qwen3-ASR 1.7B shapes, random weights, bfloat16, cuda:0 (NVIDIA H200), int8 weights (torchao)"
+    gpu = Setup("1.7B", "bfloat16", "cuda:0", "NVIDIA H200", 16, None, "plain")
+    assert gpu.line() == "Qwen3-ASR 1.7B shapes, random weights, bfloat16, cuda:0 (NVIDIA H200), plain weights (F.linear)"
+    cpu = Setup("0.6B", "float32", "cpu", "", 2, "int4", "int4")
+    assert cpu.line() == "Qwen3-ASR 0.6B shapes, random weights, float32, 2 threads, int4 weights (LLM; encoder int8)"
 
 
 def _load_report(final_latencies: tuple[float, ...], final_positions: tuple[float, ...]) -> LoadReport:
@@ -235,11 +239,16 @@ def test_bench_engine_json_at_the_true_shapes(capsys):
     assert report["model"]["size"] == "0.6B" and report["repeats"] == 1
     figures = report["figures"]
     assert list(figures) == [
-        "memory_floor", "kernel_floor", "decode_1_stream", "decode_4_streams", "decode_8_streams",
-        "prefill_60_rows", "prefill_120_rows", "encoder_1s", "encoder_4s", "encoder_8s",
+        "memory_floor", "one_row_products", "linear_reference", "decode_1_stream", "decode_4_streams",
+        "decode_8_streams", "prefill_60_rows", "prefill_120_rows", "encoder_1s", "encoder_4s", "encoder_8s",
     ]  # fmt: skip
-    assert figures["kernel_floor"]["ratio_to_kernel_floor"] == 1
+    assert figures["memory_floor"]["ratio_to_memory_floor"] == 1
     assert all(f["ms"] > 0 and len(f["runs_ms"]) == 1 for key, f in figures.items() if key != "memory_floor")
-    assert "197 matrices" in figures["kernel_floor"]["label"]  # 28 layers x 7, and the head
-    assert report["weight_bytes"] > 1e9 and report["read_bandwidth_gb_s"] > 0 and report["unquantized"] == {}
-    assert [t["limit"] for t in report["targets"]] == [1.15, 1.4]
+    expected_format = "packed" if report["model"]["device"] == "cpu" else "plain"
+    assert report["model"]["weights"] == expected_format
+    assert f"113 matrices, {expected_format}" in figures["one_row_products"]["label"]  # 28 layers x 4 fused, head
+    # The bytes a step reads: the fused matrices at float32, the tied head included once.
+    assert figures["one_row_products"]["gb_s"] == pytest.approx(report["weight_bytes"] / figures["one_row_products"]["ms"] / 1e6)
+    assert report["weight_bytes"] > 1e9 and report["read_bandwidth_gb_s"] > 0 and report["default_format"] == {}
+    assert report["resident_mib"] > 1000 and report["build_s"] > 0
+    assert [t["limit"] for t in report["targets"]] == [1.5]

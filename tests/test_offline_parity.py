@@ -1,12 +1,16 @@
-"""Offline transcription is token-identical to transformers' processor + greedy `generate`."""
+"""Offline transcription is token-identical to transformers' processor + greedy `generate`: exactly
+with the loop cut off, cut by the rule of engine/_loops.py with it on (the default)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import soundfile
 
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, load_audio, transcribe
+from asrlive.engine._loops import without_loop
 
 MAX_NEW_TOKENS = 40
 MODES = {
@@ -40,7 +44,7 @@ def test_token_ids_equal_generate(clips, load_model, reference, clip, mode, dtyp
     language, context = MODES[mode]
     audio = clips[clip]
     expected = reference(dtype).token_ids(audio, language, context, MAX_NEW_TOKENS)
-    options = DecodingOptions(language=language, context=context or "", max_new_tokens=MAX_NEW_TOKENS)
+    options = DecodingOptions(language, context or "", MAX_NEW_TOKENS, cut_loops=False)
     for layout in ("hf", "original"):
         result = transcribe(load_model(layout, dtype), audio, options)
         assert result.token_ids == expected, f"{layout} layout"
@@ -48,6 +52,8 @@ def test_token_ids_equal_generate(clips, load_model, reference, clip, mode, dtyp
         assert result.duration == audio.size / SAMPLE_RATE
         if language is not None:
             assert result.language == language
+    cut = transcribe(load_model("hf", dtype), audio, replace(options, cut_loops=True))
+    assert cut.token_ids == without_loop(expected)
 
 
 def test_outputs_depend_on_audio_and_prompt(clips, load_model):
@@ -80,5 +86,6 @@ def test_long_audio_is_cut_at_quiet_points_and_each_piece_matches_generate(speec
     assert result.segments[1].end == audio.size / SAMPLE_RATE
     for segment in result.segments:
         piece = audio[round(segment.start * SAMPLE_RATE) : round(segment.end * SAMPLE_RATE)]
-        assert list(segment.token_ids) == reference().token_ids(piece, "English", None, MAX_NEW_TOKENS)
+        expected = reference().token_ids(piece, "English", None, MAX_NEW_TOKENS)
+        assert list(segment.token_ids) == without_loop(expected)  # the cut is on by default
     assert result.token_ids == [t for s in result.segments for t in s.token_ids]

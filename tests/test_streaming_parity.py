@@ -1,6 +1,7 @@
 """Streaming is exact: every partial equals greedy `generate` on the utterance audio up to its
-`audio_end`, every final equals offline transcription of the utterance (float32, where the
-incremental computation is bit-faithful; see docs/streaming.md for bfloat16)."""
+`audio_end` (cut by the rule of engine/_loops.py unless the cut is off), every final equals offline
+transcription of the utterance (float32, where the incremental computation is bit-faithful; see
+docs/streaming.md for bfloat16)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from asrlive._local import stream_audio
 from asrlive.engine import SAMPLE_RATE, DecodingOptions, StreamTranscriber, transcribe
+from asrlive.engine._loops import without_loop
 from asrlive.engine._offline import token_budget
 from asrlive.streaming import Final, Partial, Session, SessionOptions, VadOptions
 
@@ -34,6 +36,8 @@ def _check_against_reference(events, audio, options: DecodingOptions, model, ref
         piece = audio[_samples(event["start"]) : _samples(end)]
         budget = token_budget(piece.size / SAMPLE_RATE, options)
         expected = reference().token_ids(piece, options.language, options.context or None, budget)
+        if options.cut_loops:
+            expected = without_loop(expected)
         assert event["token_ids"] == expected, f"{event['type']} of segment {event['segment']} at {end} s"
         if event["type"] == "final":
             offline = transcribe(model, piece, options)
@@ -90,10 +94,11 @@ def test_completed_windows_are_encoded_once(speech, load_model, reference):
     assert transcriber.windows_encoded == complete_windows
 
 
-def test_default_token_budget_and_a_final_after_finish(speech, load_model, reference):
+@pytest.mark.parametrize("cut_loops", [True, False])
+def test_default_token_budget_and_a_final_after_finish(speech, load_model, reference, cut_loops):
     """No trailing silence: the stream ends mid-speech and finish() produces the last final."""
     audio = np.concatenate([GAP, speech["librivox-0930"]])
-    options = DecodingOptions()
+    options = DecodingOptions(cut_loops=cut_loops)
     model = load_model("original")
     events, _ = _stream(model, audio, options, SessionOptions(partial_interval_ms=700))
     _, finals = _check_against_reference(events, audio, options, model, reference)

@@ -67,6 +67,8 @@ class RestHost(Protocol):
 
     @property
     def max_upload_bytes(self) -> int: ...
+    @property
+    def decoding(self) -> DecodingOptions: ...  # the server's (serve's flags); a request sets language and prompt
 
 
 class ApiError(Exception):
@@ -193,7 +195,7 @@ def _request(
         raise invalid(f"stream must be true or false, not {stream!r}", "stream")
     if stream == "true" and fmt not in ("json", "text"):
         raise invalid("streaming is supported with response_format json or text", "stream")
-    options = DecodingOptions(language=language, context=prompt)
+    options = replace(host.decoding, language=language, context=prompt)
     filename = Path(upload.filename or "audio").name
     return TranscriptionRequest(filename, options, fmt, words, stream == "true")
 

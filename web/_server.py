@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from asrlive.engine import AsrModel
+from asrlive.engine import AsrModel, DecodingOptions
 from asrlive.engine._aligner import Aligner
 
 from ._admission import Admission
@@ -83,6 +83,10 @@ class AsrServer:
     @property
     def max_upload_bytes(self) -> int:
         return self.options.max_upload_bytes
+
+    @property
+    def decoding(self) -> DecodingOptions:
+        return self.options.decoding
 
     def add_routes(self, routes: Sequence[BaseRoute]) -> None:
         """More endpoints on the same host and port (Starlette routes); the existing ones come first."""
