@@ -46,7 +46,9 @@ def microphone_file(directory: Path) -> Path:
 async def take(output: Path, width: int, height: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
-        model = AsrModel.load(str(write_hf_checkpoint(random_network(seed=0), directory / "tiny-hf")), "float32", plain_weights=True)
+        model = AsrModel.load(
+            str(write_hf_checkpoint(random_network(seed=0), directory / "tiny-hf")), "float32", plain_weights=True
+        )
         async with AsrServer(model, ServerOptions(port=0)) as server, chromium(microphone_file(directory)) as browser:
             page = await browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(TIMEOUT_MS)

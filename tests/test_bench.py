@@ -112,7 +112,9 @@ def test_stream_table_keeps_its_lines_and_json_has_the_same_figures():
 
 def test_the_model_line_says_where_it_ran():
     gpu = Setup("1.7B", "bfloat16", "cuda:0", "NVIDIA H200", 16, None, "plain")
-    assert gpu.line() == "Qwen3-ASR 1.7B shapes, random weights, bfloat16, cuda:0 (NVIDIA H200), plain weights (F.linear)"
+    assert (
+        gpu.line() == "Qwen3-ASR 1.7B shapes, random weights, bfloat16, cuda:0 (NVIDIA H200), plain weights (F.linear)"
+    )
     cpu = Setup("0.6B", "float32", "cpu", "", 2, "int4", "int4")
     assert cpu.line() == "Qwen3-ASR 0.6B shapes, random weights, float32, 2 threads, int4 weights (LLM; encoder int8)"
 
@@ -248,7 +250,9 @@ def test_bench_engine_json_at_the_true_shapes(capsys):
     assert report["model"]["weights"] == expected_format
     assert f"113 matrices, {expected_format}" in figures["one_row_products"]["label"]  # 28 layers x 4 fused, head
     # The bytes a step reads: the fused matrices at float32, the tied head included once.
-    assert figures["one_row_products"]["gb_s"] == pytest.approx(report["weight_bytes"] / figures["one_row_products"]["ms"] / 1e6)
+    assert figures["one_row_products"]["gb_s"] == pytest.approx(
+        report["weight_bytes"] / figures["one_row_products"]["ms"] / 1e6
+    )
     assert report["weight_bytes"] > 1e9 and report["read_bandwidth_gb_s"] > 0 and report["default_format"] == {}
     assert report["resident_mib"] > 1000 and report["build_s"] > 0
     assert [t["limit"] for t in report["targets"]] == [1.5]
