@@ -104,11 +104,9 @@ class LeanLM:
         )
         # torch's ModuleList is not generic (its items are typed Module): these are the decoder layers.
         layers = [_fuse(layer, form) for layer in cast("Iterable[Qwen3DecoderLayer]", language_model.layers)]
-        # A tied head's plain matrix is the embedding table itself: no copy. oneDNN's layout gains
-        # nothing on it (one row: 35.8 ms against 36.4, 0.6B fp32, AVX2), so a tied head stays plain
-        # rather than be held twice; quantized, it is a quarter or an eighth of the table.
-        tied = lm_head.weight.data_ptr() == language_model.embed_tokens.weight.data_ptr()
-        head = to_matrix(lm_head.weight, None, "plain" if tied and form == "packed" else form)
+        # A tied head's plain matrix is the embedding table itself; in another format the lookups keep
+        # the table (Parts: in bfloat16 where that loses nothing).
+        head = to_matrix(lm_head.weight, None, form)
         rotary = language_model.rotary_emb
         return cls(shape, layers, language_model.norm.weight, head, _Rotary(rotary.inv_freq, rotary.attention_scaling))
 

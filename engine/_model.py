@@ -8,6 +8,8 @@ weights of a transformers network. ``AsrModel`` adds greedy decoding of the voca
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,21 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the system (glibc keeps freed heap memory for reuse).
+
+    Converting the weights frees the network's float tensors (gigabytes); glibc's allocator keeps
+    much of that as its own free heap, which counts as resident memory for ever after. Its
+    ``malloc_trim`` returns it. Elsewhere (another C library) nothing is done.
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
+
+
 def _cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
@@ -128,7 +145,10 @@ class LoadedNetwork:
 
         def build() -> Parts:
             loaded, head = network()
-            return Parts.of(loaded, head, info.weights, info.device)
+            parts = Parts.of(loaded, head, info.weights, info.device)
+            del loaded, head
+            release_freed_memory()  # the network's float copies, once converted
+            return parts
 
         if weights_cache is None or info.device.type != "cpu":
             return build()

@@ -106,6 +106,29 @@ def random_network(seed: int = 0, init_std: float = 0.25, eos_boost: float = 2.0
     return network
 
 
+# How much of each attention layer's output the stable network keeps (see ``stable_network``).
+STABLE_ATTENTION_SCALE = 0.003
+
+
+def stable_network(seed: int = 2, attention_scale: float = STABLE_ATTENTION_SCALE) -> Qwen3ASRForConditionalGeneration:
+    """A tiny network whose greedy text, like a trained model's, mostly stays as the audio grows.
+
+    ``random_network`` changes its answer from the first token whenever the audio grows, so a
+    streaming draft is rejected at once. Here every attention output projection is scaled down:
+    a position's state is then almost only its own token's embedding through the MLPs, and the
+    next token is a function of the previous one (a chain through the vocabulary). Attention, the
+    only way the audio (or any other context) reaches the text, still moves the logits, in
+    proportion to ``attention_scale``: too little to change a link of the chain that wins by a
+    margin, enough to decide its few close ones. So as the audio grows the answer keeps its first tokens and changes
+    after a close link, or not at all. At 0.1 the first tokens already change; at 0 nothing does.
+    """
+    network = random_network(seed)
+    with torch.no_grad():
+        for layer in network.model.language_model.layers:
+            layer.self_attn.o_proj.weight *= attention_scale
+    return network
+
+
 def random_aligner(seed: int = 1, init_std: float = 0.25) -> Qwen3ASRForTokenClassification:
     """A tiny forced aligner: the recognizer's architecture with an untied head of timestamp classes."""
     config = Qwen3ASRConfig(

@@ -23,6 +23,7 @@ from .checkpoints import (
     FIXTURES,
     random_aligner,
     random_network,
+    stable_network,
     write_hf_aligner,
     write_hf_checkpoint,
     write_original_aligner,
@@ -33,7 +34,15 @@ from .serving import GAP
 EOS = (151643, 151645)
 # A test that runs a model (the tiny checkpoints, transformers' reference) takes seconds: it is
 # `slow`, left out of the daily loop (`pytest -m "not slow"`) and run in CI.
-MODEL_FIXTURES = {"checkpoints", "load_model", "reference", "aligners", "load_aligner", "aligner_reference"}
+MODEL_FIXTURES = {
+    "checkpoints",
+    "stable_checkpoints",
+    "load_model",
+    "reference",
+    "aligners",
+    "load_aligner",
+    "aligner_reference",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,6 +75,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {
         "hf": write_hf_checkpoint(network, root / "tiny-hf"),
         "original": write_original_checkpoint(network, root / "tiny-original"),
+    }
+
+
+@pytest.fixture(scope="session")
+def stable_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``stable_network`` (its text mostly stays as the audio grows) in both layouts: {"hf": dir, "original": dir}."""
+    root = tmp_path_factory.mktemp("stable-checkpoints")
+    network = stable_network()
+    return {
+        "hf": write_hf_checkpoint(network, root / "stable-hf"),
+        "original": write_original_checkpoint(network, root / "stable-original"),
     }
 
 
