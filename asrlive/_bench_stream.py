@@ -128,7 +128,7 @@ class Setup:
         return cls(size, dtype, str(device), name, torch.get_num_threads(), info.quantize, info.weights)
 
     def line(self) -> str:
-        # On a CPU without quantization this is the line scripts have always read.
+        # Where it ran and the weight format (engine/_weights.py): the line every bench starts with.
         where = f"{self.threads} threads" if self.device == "cpu" else f"{self.device} ({self.device_name})"
         return f"Qwen3-ASR {self.size} shapes, random weights, {self.dtype}, {where}, {WEIGHTS_LINE[self.weights]}"
 

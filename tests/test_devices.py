@@ -7,7 +7,7 @@ import torch
 
 from asrlive.engine import SAMPLE_RATE, AsrModel, StreamTranscriber, transcribe
 from asrlive.engine._model import resolve_device, resolve_dtype
-from asrlive.engine._weights import Int4Matrix, Int8Matrix, Matrix, PackedMatrix, PlainMatrix
+from asrlive.engine._weights import Int4Matrix, Int8Matrix, Matrix, PackedMatrix
 
 
 def test_auto_is_the_cpu_without_cuda():
@@ -77,9 +77,9 @@ def test_the_default_format_on_a_cpu_is_packed(checkpoints, load_model, speech):
     packed = AsrModel.load(str(checkpoints["hf"]), "float32")
     assert packed.info.weights == "packed"
     *layers, head = packed.llm.matrices()
-    assert all(isinstance(m, PackedMatrix) for m in [*layers, *packed.encoder.matrices()])
-    # The tied head is the embedding table itself, held once (packing it gains nothing: engine/_llm.py).
-    assert isinstance(head, PlainMatrix) and torch.equal(head.weight[:10], packed.embed(list(range(10))))
+    assert all(isinstance(m, PackedMatrix) for m in [*layers, head, *packed.encoder.matrices()])
+    # The tied head is packed too; the lookups keep the table itself (engine/_parts.py).
+    assert isinstance(head, PackedMatrix) and torch.equal(head.packed.to_dense()[:10], packed.embed(list(range(10))))
     torch.manual_seed(0)
     for ours, reference in zip(packed.llm.matrices(), load_model("hf").llm.matrices(), strict=True):
         rows = torch.randn(2, reference.shape[1])

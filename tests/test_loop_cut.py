@@ -4,6 +4,7 @@ offline, streaming, through the server and the command line."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +22,7 @@ from asrlive.engine import SAMPLE_RATE, AsrModel, DecodingOptions, StreamTranscr
 from asrlive.engine._loops import MAX_PERIOD, Loop, first_loop, loop_at, span, without_loop
 from asrlive.engine._offline import piece_steps, token_budget
 from asrlive.engine._prompt import build_prompt
-from asrlive.engine._steps import EOS_IDS, Encode, Steps, greedy_steps
+from asrlive.engine._steps import EOS_IDS, Encode, Step, Steps, greedy_steps, run
 from asrlive.streaming import Session, SessionOptions
 
 from .checkpoints import FIXTURES, random_network, write_hf_checkpoint
@@ -205,21 +206,25 @@ def clip(speech) -> np.ndarray:
     return speech[CLIP]
 
 
+class _Counting:
+    """The model, counting the LLM forwards (prefills and decode steps) asked of it."""
+
+    def __init__(self, model: AsrModel) -> None:
+        self.model = model
+        self.forwards = 0
+
+    def encode_batch(self, requests: Sequence[Encode]) -> list[torch.Tensor]:
+        return self.model.encode_batch(requests)
+
+    def forward_batch(self, steps: Sequence[Step]) -> list[torch.Tensor]:
+        self.forwards += 1
+        return self.model.forward_batch(steps)
+
+
 def _forwards(model: AsrModel, computation: Steps[T]) -> tuple[T, int]:
-    """Run a computation alone; its result and how many LLM forwards (prefill and decode steps) it made."""
-    forwards = 0
-    try:
-        request = next(computation)
-        while True:
-            if isinstance(request, Encode):
-                answer = model.encode_batch([request])[0]
-            else:
-                forwards += 1
-                answer = model.forward_batch([request])[0]
-            request = computation.send(answer)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result, forwards
+    """Run a computation alone; its result and how many LLM forwards it made."""
+    counting = _Counting(model)
+    return run(counting, computation), counting.forwards  # type: ignore[arg-type]  # only these two are used
 
 
 @pytest.mark.slow

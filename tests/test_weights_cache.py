@@ -1,4 +1,4 @@
-"""The weights cache (engine/_cache.py): the engine's own layout on disk, read back exactly, rebuilt when stale or broken."""
+"""The weights cache (engine/_cache.py): the engine's layout on disk, read back exactly, rebuilt when broken."""
 
 from __future__ import annotations
 
