@@ -82,7 +82,8 @@ def _read(path: Path, key: dict[str, Any]) -> Parts | None:
             meta = json.loads(_header(file)["__metadata__"]["asrlive"])
         if meta["key"] != key:
             raise ValueError("its key is not this checkpoint's")
-        return Parts.read(Reader(tensors, meta))
+        # Formats converted on reading keep nothing of the mapping (Reader); plain and int4 map it.
+        return Parts.read(Reader(tensors, meta, copy_tensors=key["weights"] in ("packed", "int8")))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         log.warning("the weights cache file %s is unusable (%s): rebuilding it", path, exc)
         path.unlink(missing_ok=True)

@@ -40,13 +40,25 @@ class Writer:
 
 
 class Reader:
-    def __init__(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Tensors by name; matrices rebuilt in their format.
+
+    With ``copy_tensors`` the tensors that are not a matrix's (norms, biases, the embedding table)
+    are copied out of ``tensors``: where every matrix is converted on reading (packed, int8), the
+    file's mapping is then let go once loaded, with the pages the conversion read.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], copy_tensors: bool = False):
+        self._copy = copy_tensors
         self._tensors = tensors
         self._kinds: Mapping[str, str] = meta["kinds"]
         self._scalars: Mapping[str, float | int] = meta["scalars"]
         self._aliases: Mapping[str, str] = meta["aliases"]
 
     def tensor(self, name: str) -> torch.Tensor:
+        tensor = self._source(name)
+        return tensor.clone() if self._copy else tensor
+
+    def _source(self, name: str) -> torch.Tensor:
         return self._tensors[self._aliases.get(name, name)]
 
     def optional(self, name: str) -> torch.Tensor | None:
@@ -56,7 +68,11 @@ class Reader:
     def matrix(self, name: str) -> Matrix:
         prefix = f"{name}."
         names = [n for n in (*self._tensors, *self._aliases) if n.startswith(prefix) and "." not in n[len(prefix) :]]
-        return restore_matrix(self._kinds[name], {n[len(prefix) :]: self.tensor(n) for n in names})
+        # A bias is kept as it is (the weight is converted): copied, like the other kept tensors.
+        parts = {n[len(prefix) :]: self._source(n) for n in names}
+        if self._copy and "bias" in parts:
+            parts["bias"] = parts["bias"].clone()
+        return restore_matrix(self._kinds[name], parts)
 
     def scalar(self, name: str) -> float:
         return float(self._scalars[name])
