@@ -73,13 +73,13 @@ def _hash(value: dict[str, Any]) -> str:
 
 
 def _read(path: Path, key: dict[str, Any]) -> Parts | None:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(path)  # mapped, not copied
-        with open(path, "rb") as file:
-            meta = json.loads(_header(file)["__metadata__"]["asrlive"])
+        with safe_open(path, "pt") as file:
+            meta = json.loads(file.metadata()["asrlive"])
         if meta["key"] != key:
             raise ValueError("its key is not this checkpoint's")
         # Formats converted on reading keep nothing of the mapping (Reader); plain and int4 map it.
